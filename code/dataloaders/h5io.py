@@ -1,0 +1,88 @@
+"""Reading and writing one case of an h5 dataset (keys ``image`` float32, ``label`` uint8 {0, 1}).
+
+Every reader in the project goes through :func:`read_case`, so that a corrupt file, a missing key,
+non-binary labels or mismatched shapes give the same one-line :class:`~utils.errors.DataError`
+naming the file, never a traceback from inside h5py or numpy.
+"""
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from utils.errors import DataError
+
+IMAGE_KEY = "image"
+LABEL_KEY = "label"
+
+
+def _open(path):
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read as HDF5 (corrupt or truncated?): {exc}") from None
+
+
+def _dataset(handle, key, path):
+    if key not in handle:
+        keys = ", ".join(sorted(handle.keys())) or "none"
+        raise DataError(f"{path}: no '{key}' dataset (keys present: {keys})")
+    return handle[key]
+
+
+def read_shapes(path):
+    """Return ``(image_shape, label_shape)`` from the file's metadata, without reading voxels."""
+    with _open(path) as handle:
+        return (tuple(_dataset(handle, IMAGE_KEY, path).shape),
+                tuple(_dataset(handle, LABEL_KEY, path).shape))
+
+
+def check_label(label, path, num_classes=2):
+    """Raise a :class:`DataError` unless every label value lies in ``0 .. num_classes-1``."""
+    if label.size and (label.min() < 0 or label.max() >= num_classes):
+        values = np.unique(label)
+        shown = ", ".join(str(v) for v in values[:8]) + (", ..." if values.size > 8 else "")
+        raise DataError(f"{path}: label values must be in 0..{num_classes - 1}, found {shown}")
+
+
+def read_case(path, num_classes=2, read_image=True):
+    """Read and validate one case; return ``(image float32, label uint8)``.
+
+    ``read_image=False`` returns ``(None, label)`` (used to validate a dataset quickly). Raises
+    :class:`DataError` for a missing or corrupt file, missing keys, a non-3D volume, image and label
+    of different shapes, or label values outside ``0 .. num_classes-1``.
+    """
+    with _open(path) as handle:
+        image_ds = _dataset(handle, IMAGE_KEY, path)
+        label_ds = _dataset(handle, LABEL_KEY, path)
+        if image_ds.ndim != 3:
+            raise DataError(f"{path}: image must be a 3D volume, got shape {image_ds.shape}")
+        if image_ds.shape != label_ds.shape:
+            raise DataError(f"{path}: image shape {image_ds.shape} and label shape {label_ds.shape} differ")
+        try:
+            label = label_ds[()]
+            image = image_ds[()].astype(np.float32, copy=False) if read_image else None
+        except OSError as exc:
+            raise DataError(f"{path}: voxel data cannot be read (corrupt?): {exc}") from None
+    check_label(label, path, num_classes)
+    if image is not None and not np.isfinite(image).all():
+        raise DataError(f"{path}: image contains NaN or infinite values")
+    return image, label.astype(np.uint8, copy=False)
+
+
+def write_case(path, image, label, compression="gzip"):
+    """Write one case atomically (temporary file, then rename), creating parent folders."""
+    image = np.asarray(image, dtype=np.float32)
+    label = np.asarray(label, dtype=np.uint8)
+    if image.shape != label.shape:
+        raise DataError(f"{path}: image shape {image.shape} and label shape {label.shape} differ")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with h5py.File(tmp, "w") as handle:
+        handle.create_dataset(IMAGE_KEY, data=image, compression=compression)
+        handle.create_dataset(LABEL_KEY, data=label, compression=compression)
+    os.replace(tmp, path)

@@ -1,0 +1,100 @@
+"""Labelled-only V-Net: the lower bound of every table (``--labelnum 80`` gives the fully supervised upper bound).
+
+Protocol of UA-MT's supervised baseline (``train_LA.py``; see docs/methods/supervised.md): V-Net with
+batchnorm and dropout, batch of 4 labelled 112x112x80 crops with random rotation/flip, loss
+``0.5 * (CE + Dice)`` with the V-Net (squared) Dice on the foreground probability, SGD lr 0.01
+(momentum 0.9, weight decay 1e-4) x0.1 every 2500 iterations, 6000 iterations, seed 1337. The final weights
+are evaluated on the test list with the LA sliding window (stride 18/4).
+
+    python code/train_supervised_3D.py --labelnum 8
+    python code/test_3D.py --run model/LA/Supervised_8/vnet
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from dataloaders.registry import get_dataset_spec  # noqa: E402
+from dataloaders.samplers import InfiniteBatches, RandomBatchSampler  # noqa: E402
+from dataloaders.transforms import Compose, RandomCrop, RandomRotFlip, ToTensor  # noqa: E402
+from networks.net_factory_3d import net_factory_3d  # noqa: E402
+from utils import losses  # noqa: E402
+from utils.args import check_labelnum, finalize_args, training_parser  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
+from utils.lr_schedule import lr_at, set_lr  # noqa: E402
+from utils.run import TrainingRun  # noqa: E402
+
+
+def get_parser():
+    parser = training_parser(__doc__.splitlines()[0], exp=None, max_iterations=6000, batch_size=4,
+                             base_lr=0.01, seed=1337, semi_supervised=False, labelnum=8)
+    parser.add_argument("--has_dropout", type=int, choices=(0, 1), default=1,
+                        help="Dropout3d(0.5) after the bottleneck and last decoder block (UA-MT: 1)")
+    return parser
+
+
+def build_networks(args):
+    """The networks of this method, on the CPU, by name (also used by test_3D.py)."""
+    return {"model": net_factory_3d(args.model, in_chns=1, class_num=2, normalization="batchnorm",
+                                    has_dropout=bool(args.has_dropout))}
+
+
+def predict(nets, x):
+    """Class probabilities for a batch of windows (also used by test_3D.py)."""
+    return torch.softmax(nets["model"](x), dim=1)
+
+
+def supervised_loss(logits, label):
+    """UA-MT's supervised loss: ``0.5 * (CE(logits, y) + DiceLoss(softmax(logits)[:, 1], y == 1))``."""
+    loss_ce = F.cross_entropy(logits, label)
+    loss_dice = losses.dice_loss(torch.softmax(logits, dim=1)[:, 1], label == 1)
+    return 0.5 * (loss_ce + loss_dice), loss_ce, loss_dice
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    spec = get_dataset_spec(args.dataset)
+    args.exp = args.exp or f"{args.dataset}/Supervised"
+    finalize_args(args, spec)
+
+    transform = Compose([RandomRotFlip(), RandomCrop(args.patch_size), ToTensor()])
+    check_labelnum(args, len(spec.dataset_class.list_ids(args.root_path, "train")), semi_supervised=False)
+    train_set = spec.dataset_class(args.root_path, "train", num=args.labelnum, transform=transform)
+    test_set = spec.dataset_class(args.root_path, "test") if not args.no_eval else None
+    sampler = RandomBatchSampler(range(args.labelnum), args.batch_size, seed=args.seed)
+
+    run = TrainingRun(args, __file__)
+    nets = build_networks(args)
+    model = nets["model"].to(run.device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.base_lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    start = run.restore(nets, {"optimizer": optimizer})
+    batches = run.data_loader(train_set, InfiniteBatches(sampler, args.seed, start))
+    run.logger.info(f"{len(train_set)} labelled cases, {len(sampler)} iterations per epoch, device {run.device}")
+
+    for iteration in run.iterations(start):
+        batch = next(batches)
+        image = batch["image"].to(run.device, non_blocking=True)
+        label = batch["label"].to(run.device, non_blocking=True)
+        lr = lr_at(iteration, args.base_lr, args.lr_schedule, args.max_iterations, args.lr_step, args.lr_gamma)
+        set_lr(optimizer, lr)
+
+        with run.autocast():
+            logits = model(image)
+        loss, loss_ce, loss_dice = supervised_loss(logits.float(), label)
+
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+        run.log(iteration + 1, lr, loss=loss, loss_ce=loss_ce, loss_dice=loss_dice)
+        run.save(iteration + 1, nets, {"optimizer": optimizer})
+
+    run.finish(predict, nets, test_set, spec.num_classes)
+
+
+if __name__ == "__main__":
+    run_cli(main)

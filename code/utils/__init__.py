@@ -1,0 +1,1 @@
+"""Shared plumbing for the 3D semi-supervised segmentation scripts."""

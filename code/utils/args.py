@@ -1,0 +1,112 @@
+"""The command-line flags every training script shares (SSL4MIS names), and their validation.
+
+A method script calls :func:`training_parser` with its paper's defaults, adds its own flags, and calls
+:func:`finalize_args` after parsing, which fills dataset-dependent defaults and rejects impossible values
+with one-line errors.
+"""
+from utils.cli import REPO_ROOT, ArgumentParser, resolve_path
+from utils.errors import UserError
+from utils.lr_schedule import SCHEDULES
+
+# Flags that may differ when a run is resumed: they change where and how fast it runs, not what it computes.
+RUNTIME_FLAGS = ("resume", "overwrite", "device", "num_workers", "sw_batch_size", "no_eval", "progress")
+
+
+def training_parser(description, *, exp, max_iterations, batch_size, base_lr, seed=1337,
+                    semi_supervised=True, labeled_bs=2, labelnum=8, model="vnet"):
+    """An :class:`ArgumentParser` with the shared flags and the method's defaults."""
+    parser = ArgumentParser(description=description)
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", default="LA", help="dataset name (default: LA)")
+    data.add_argument("--root_path", default=None,
+                      help="data root (default: the dataset's folder under data/, e.g. data/LA)")
+    data.add_argument("--labelnum", type=int, default=labelnum,
+                      help="number of labelled cases: the first N of train.list (default: %(default)s)")
+    data.add_argument("--patch_size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                      help="training crop, each divisible by 16 (default: the dataset's, 112 112 80 for LA)")
+    data.add_argument("--num_workers", type=int, default=2, help="data loader workers (default: 2)")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--exp", default=exp, help="experiment name; the run goes to model/{exp}_{labelnum}/{model}")
+    run.add_argument("--model", default=model, help="network name, also the last folder of the run directory")
+    run.add_argument("--output_root", default=str(REPO_ROOT / "model"), help="where run directories go")
+    run.add_argument("--seed", type=int, default=seed)
+    run.add_argument("--deterministic", type=int, choices=(0, 1), default=1,
+                     help="1: deterministic algorithms and no cuDNN benchmarking (default: 1)")
+    run.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    run.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    run.add_argument("--resume", action="store_true", help="continue the run in its directory from latest.pth")
+    run.add_argument("--overwrite", action="store_true",
+                     help="start afresh; an existing run directory is moved aside to <dir>.old-<time>")
+    run.add_argument("--save_interval", type=int, default=200,
+                     help="write the resumable latest.pth every N iterations (default: 200)")
+    run.add_argument("--snapshot_interval", type=int, default=1000,
+                     help="keep weights iter_N.pth every N iterations (default: 1000; the last is always kept)")
+    run.add_argument("--progress", type=int, choices=(0, 1), default=1, help="show progress bars (default: 1)")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--max_iterations", type=int, default=max_iterations)
+    optim.add_argument("--batch_size", type=int, default=batch_size)
+    if semi_supervised:
+        optim.add_argument("--labeled_bs", type=int, default=labeled_bs,
+                           help="labelled crops per batch; the rest of the batch is unlabelled")
+    optim.add_argument("--base_lr", type=float, default=base_lr)
+    optim.add_argument("--lr_schedule", choices=SCHEDULES, default="step")
+    optim.add_argument("--lr_step", type=int, default=2500, help="step schedule: iterations per decay")
+    optim.add_argument("--lr_gamma", type=float, default=0.1, help="step schedule: decay factor")
+    optim.add_argument("--momentum", type=float, default=0.9)
+    optim.add_argument("--weight_decay", type=float, default=1e-4)
+
+    evaluation = parser.add_argument_group("final evaluation (sliding window on the test list)")
+    evaluation.add_argument("--no_eval", action="store_true", help="skip the evaluation at the end")
+    evaluation.add_argument("--stride_xy", type=int, default=None, help="default: the dataset's (18 for LA)")
+    evaluation.add_argument("--stride_z", type=int, default=None, help="default: the dataset's (4 for LA)")
+    evaluation.add_argument("--nms", type=int, choices=(0, 1), default=0,
+                            help="keep the largest connected component (default: 0)")
+    evaluation.add_argument("--sw_batch_size", type=int, default=4, help="windows per forward pass")
+    return parser
+
+
+def finalize_args(args, dataset_spec):
+    """Fill dataset defaults (root, patch, strides) and reject impossible settings."""
+    if args.root_path is None:
+        args.root_path = str(REPO_ROOT / dataset_spec.default_root)
+    else:
+        args.root_path = str(resolve_path(args.root_path))
+    args.patch_size = list(args.patch_size or dataset_spec.patch_size)
+    args.stride_xy = args.stride_xy or dataset_spec.stride_xy
+    args.stride_z = args.stride_z or dataset_spec.stride_z
+    args.output_root = str(resolve_path(args.output_root))
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    """One-line errors for flag values and combinations that cannot work."""
+    if any(p < 16 or p % 16 for p in args.patch_size):
+        raise UserError(f"--patch_size {' '.join(map(str, args.patch_size))}: each size must be a positive "
+                        "multiple of 16 (the V-Net halves the resolution four times)")
+    if args.labelnum < 1:
+        raise UserError(f"--labelnum must be at least 1, got {args.labelnum}")
+    for flag in ("max_iterations", "batch_size", "save_interval", "snapshot_interval", "sw_batch_size"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.num_workers < 0:
+        raise UserError(f"--num_workers must be >= 0, got {args.num_workers}")
+    if args.base_lr <= 0:
+        raise UserError(f"--base_lr must be positive, got {args.base_lr}")
+    labeled_bs = getattr(args, "labeled_bs", None)
+    if labeled_bs is not None and not 1 <= labeled_bs < args.batch_size:
+        raise UserError(f"--labeled_bs {labeled_bs} must be at least 1 and smaller than --batch_size "
+                        f"{args.batch_size}, so that each batch holds labelled and unlabelled crops")
+    if args.resume and args.overwrite:
+        raise UserError("--resume and --overwrite exclude each other: continue the run, or start it afresh")
+
+
+def check_labelnum(args, num_train, semi_supervised=True):
+    """``--labelnum`` must fit the training list (and leave unlabelled cases for semi-supervision)."""
+    limit = num_train - 1 if semi_supervised else num_train
+    if args.labelnum > limit:
+        leftover = " and leave unlabelled cases" if semi_supervised else ""
+        raise UserError(f"--labelnum {args.labelnum} is larger than train.list allows ({num_train} cases"
+                        f"{leftover}; at most {limit})")

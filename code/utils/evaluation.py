@@ -1,0 +1,107 @@
+"""Evaluate a method on a list of cases: sliding window, optional largest component, metrics, files.
+
+Used by every training script at the end of its run and by ``test_3D.py``, so both write the same files
+into a fresh folder ``<run>/eval_<checkpoint>[_nms]`` (suffixed ``_2``, ``_3``, ... rather than ever
+replacing an earlier evaluation):
+
+- ``metrics.csv``: one row per case (dice, jaccard, hd95, asd, empty_pred, empty_gt) and mean/std rows;
+- ``summary.json``: means, standard deviations, counts and the protocol behind them;
+- with ``save_nii``: ``<case>_pred.nii.gz``, ``<case>_img.nii.gz``, ``<case>_gt.nii.gz``.
+"""
+import csv
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from utils.metrics import calculate_metric_percase, largest_connected_component, summarize_metrics
+from utils.sliding_window import sliding_window_inference
+
+METRICS = ("dice", "jaccard", "hd95", "asd")
+
+
+def new_eval_dir(run_dir, checkpoint_name, nms):
+    """A folder name that does not exist yet: ``eval_<checkpoint>[_nms]``, then ``_2``, ``_3``..."""
+    base = f"eval_{Path(checkpoint_name).stem}" + ("_nms" if nms else "")
+    candidate, index = Path(run_dir) / base, 1
+    while candidate.exists():
+        index += 1
+        candidate = Path(run_dir) / f"{base}_{index}"
+    return candidate
+
+
+def _save_nii(path, volume, spacing):
+    import nibabel as nib
+
+    affine = np.diag(list(spacing or (1.0, 1.0, 1.0)) + [1.0])
+    nib.save(nib.Nifti1Image(np.asarray(volume), affine), str(path))
+
+
+def _write_csv(path, rows, summary):
+    fields = ["case"] + list(METRICS) + ["empty_pred", "empty_gt"]
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row[k] for k in fields})
+        for stat in ("mean", "std"):
+            writer.writerow({"case": stat, **{m: summary[m][stat] for m in METRICS}})
+
+
+def format_summary(summary):
+    """One line: ``Dice 89.12 +- 3.40 | Jaccard ... | 95HD ... | ASD ... (20 cases, ...)``."""
+    parts = [f"Dice {100 * summary['dice']['mean']:.2f} +- {100 * summary['dice']['std']:.2f}",
+             f"Jaccard {100 * summary['jaccard']['mean']:.2f} +- {100 * summary['jaccard']['std']:.2f}",
+             f"95HD {summary['hd95']['mean']:.2f} +- {summary['hd95']['std']:.2f}",
+             f"ASD {summary['asd']['mean']:.2f} +- {summary['asd']['std']:.2f}"]
+    protocol = summary["protocol"]
+    notes = [f"{summary['num_cases']} cases", f"LCC {'on' if protocol['nms'] else 'off'}", protocol["units"]]
+    if summary["num_empty_pred"]:
+        notes.append(f"{summary['num_empty_pred']} empty predictions (HD/ASD undefined, excluded)")
+    return " | ".join(parts) + f" ({', '.join(notes)})"
+
+
+def evaluate(predict, dataset, out_dir, *, patch_size, stride_xy, stride_z, num_classes, device,
+             sw_batch_size=4, nms=False, spacing=None, save_nii=False, protocol_extra=None, progress=True):
+    """Evaluate ``predict`` on every case of ``dataset`` and write the result files into ``out_dir``.
+
+    ``out_dir`` must not exist (see :func:`new_eval_dir`). Returns the summary dict.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=False)
+    rows, started = [], time.time()
+    for index in tqdm(range(len(dataset)), desc="evaluate", ncols=80, disable=not progress, leave=False):
+        sample = dataset.load(index)
+        prediction, _ = sliding_window_inference(predict, sample["image"], patch_size, stride_xy, stride_z,
+                                                 num_classes, device, sw_batch_size)
+        if nms:
+            prediction = largest_connected_component(prediction)
+        row = calculate_metric_percase(prediction == 1, sample["label"] == 1, spacing)
+        rows.append({"case": sample["case"], **row})
+        if save_nii:
+            for suffix, volume in (("pred", prediction), ("img", sample["image"]), ("gt", sample["label"])):
+                _save_nii(out_dir / f"{sample['case']}_{suffix}.nii.gz", volume, spacing)
+    summary = summarize_metrics(rows, METRICS)
+    summary["protocol"] = {
+        "patch_size": list(patch_size), "stride_xy": stride_xy, "stride_z": stride_z, "nms": bool(nms),
+        "units": "mm" if spacing else "voxels", "spacing": list(spacing) if spacing else None,
+        "hd95": "medpy hd95", "asd": "medpy asd (prediction to ground truth, as the anchors)",
+        "seconds": round(time.time() - started, 2), **(protocol_extra or {}),
+    }
+    _write_csv(out_dir / "metrics.csv", rows, summary)
+    (out_dir / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2) + "\n")
+    return summary
+
+
+def _json_safe(value):
+    """NaN is not JSON: write it as null."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -1,0 +1,47 @@
+"""Test configuration: make ``code/`` importable the way the scripts see it."""
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CODE_DIR = REPO_ROOT / "code"
+if str(CODE_DIR) not in sys.path:
+    sys.path.insert(0, str(CODE_DIR))
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+
+import pytest  # noqa: E402
+
+SHARED_LA = REPO_ROOT.parent / "shared" / "data" / "LA"
+# A small training configuration: 2-iteration runs on tiny synthetic volumes.
+TINY = ["--patch_size", "32", "32", "16", "--batch_size", "2", "--stride_xy", "16", "--stride_z", "8",
+        "--num_workers", "0", "--progress", "0"]
+
+
+def run_script(script, *args, cwd=REPO_ROOT, check=True):
+    """Run ``code/<script>`` in a fresh interpreter; return the completed process (text output)."""
+    proc = subprocess.run([sys.executable, str(CODE_DIR / script), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def read_summary(eval_dir):
+    return json.loads((eval_dir / "summary.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    """A small synthetic LA-layout dataset (8 train, 2 test cases), written once per session."""
+    from dataloaders.synthetic import make_synthetic_dataset
+
+    return make_synthetic_dataset(tmp_path_factory.mktemp("data") / "LA", num_cases=10, num_test=2,
+                                  shape=(48, 48, 24), seed=0)
+
+
+@pytest.fixture
+def dataset_copy(synthetic_root, tmp_path):
+    """A private copy of the synthetic dataset, for tests that corrupt it."""
+    return shutil.copytree(synthetic_root, tmp_path / "LA")

@@ -1,0 +1,129 @@
+"""The supervised baseline end to end: train, evaluate, test_3D, resume, from any directory."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import CODE_DIR, REPO_ROOT, SHARED_LA, TINY, read_summary, run_script
+from dataloaders.la_heart import read_list
+
+TRAIN = "train_supervised_3D.py"
+
+
+def run_dir(output_root, labelnum, exp="LA/Supervised"):
+    return output_root / f"{exp}_{labelnum}" / "vnet"
+
+
+@pytest.mark.parametrize("cwd_name", ["repo_root", "elsewhere"])
+def test_train_then_test_3d_reproduces_the_evaluation(synthetic_root, tmp_path, cwd_name):
+    cwd = REPO_ROOT if cwd_name == "repo_root" else tmp_path
+    out = tmp_path / "model"
+    run_script(TRAIN, "--root_path", synthetic_root, "--output_root", out, "--labelnum", "4",
+               "--max_iterations", "2", *TINY, cwd=cwd)
+    run = run_dir(out, 4)
+    assert {"config.json", "log.txt", "latest.pth", "iter_2.pth", "eval_iter_2", "log"} <= {
+        p.name for p in run.iterdir()}
+    config = json.loads((run / "config.json").read_text())
+    assert config["script"] == "train_supervised_3D" and config["args"]["labelnum"] == 4
+    assert {"torch", "numpy"} <= set(config["versions"]) and "commit" in config["git"]
+    log = (run / "log.txt").read_text()
+    assert "iteration 2 : loss : " in log and "loss_ce: " in log and "test (eval_iter_2)" in log
+
+    proc = run_script("test_3D.py", "--run", run, "--progress", "0", cwd=cwd)
+    assert "Dice" in proc.stdout
+    trained, tested = read_summary(run / "eval_iter_2"), read_summary(run / "eval_iter_2_2")
+    for metric in ("dice", "jaccard", "hd95", "asd"):
+        assert tested[metric] == trained[metric]
+    assert (run / "eval_iter_2" / "metrics.csv").read_text() == (run / "eval_iter_2_2" / "metrics.csv").read_text()
+    assert tested["num_cases"] == 2 and tested["protocol"]["stride_xy"] == 16
+
+
+def test_test_3d_options_write_new_folders(synthetic_root, tmp_path):
+    out = tmp_path / "model"
+    run_script(TRAIN, "--root_path", synthetic_root, "--output_root", out, "--labelnum", "4",
+               "--max_iterations", "2", "--no_eval", *TINY)
+    run = run_dir(out, 4)
+    case = read_list(synthetic_root / "test.list")[0]
+    run_script("test_3D.py", "--run", run, "--nms", "1", "--save_nii", "--cases", case, "--progress", "0",
+               "--checkpoint", "latest.pth")
+    eval_dir = run / "eval_latest_nms"
+    summary = read_summary(eval_dir)
+    assert summary["num_cases"] == 1 and summary["protocol"]["nms"] is True
+    assert {f"{case}_pred.nii.gz", f"{case}_img.nii.gz", f"{case}_gt.nii.gz"} <= {p.name for p in eval_dir.iterdir()}
+    import nibabel as nib
+    assert nib.load(str(eval_dir / f"{case}_pred.nii.gz")).shape == nib.load(str(eval_dir / f"{case}_gt.nii.gz")).shape
+
+
+def _final_weights(run):
+    return torch.load(run / "iter_12.pth", weights_only=True)["models"]["model"]
+
+
+def _kill_after_first_save(args):
+    """Start a training run and SIGKILL it as soon as its first latest.pth exists."""
+    proc = subprocess.Popen([sys.executable, str(CODE_DIR / TRAIN), *map(str, args)], cwd=REPO_ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = args_run_dir(args) / "latest.pth"
+    deadline = time.time() + 300
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return latest
+
+
+def args_run_dir(args):
+    args = list(map(str, args))
+    from pathlib import Path
+    return run_dir(Path(args[args.index("--output_root") + 1]), int(args[args.index("--labelnum") + 1]))
+
+
+def test_killed_run_resumes_to_the_same_weights(synthetic_root, tmp_path):
+    common = ["--root_path", synthetic_root, "--labelnum", "4", "--max_iterations", "12", "--save_interval", "4",
+              "--no_eval", *TINY]
+    run_script(TRAIN, *common, "--output_root", tmp_path / "straight")
+    interrupted = ["--output_root", tmp_path / "killed", *common]
+    latest = _kill_after_first_save(interrupted)
+    stopped_at = torch.load(latest, weights_only=True)["iteration"]
+    assert stopped_at < 12, "the run finished before it could be killed"
+    assert not (latest.parent / "iter_12.pth").exists()
+    run_script(TRAIN, *interrupted, "--resume", "--num_workers", "2")
+    straight, resumed = _final_weights(run_dir(tmp_path / "straight", 4)), _final_weights(latest.parent)
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    assert f"resumed from {latest} at iteration {stopped_at}" in (latest.parent / "log.txt").read_text()
+
+
+def test_resume_refuses_changed_settings(synthetic_root, tmp_path):
+    common = ["--root_path", synthetic_root, "--labelnum", "4", "--output_root", tmp_path, "--no_eval", *TINY]
+    run_script(TRAIN, *common, "--max_iterations", "2")
+    proc = run_script(TRAIN, *common, "--max_iterations", "3", "--resume", check=False)
+    assert proc.returncode == 2 and "--max_iterations 2 -> 3" in proc.stderr
+
+
+def test_overwrite_keeps_the_old_run(synthetic_root, tmp_path):
+    common = ["--root_path", synthetic_root, "--labelnum", "4", "--output_root", tmp_path, "--no_eval",
+              "--max_iterations", "1", *TINY]
+    run_script(TRAIN, *common)
+    run_script(TRAIN, *common, "--overwrite")
+    siblings = [p.name for p in run_dir(tmp_path, 4).parent.iterdir()]
+    assert "vnet" in siblings and any(name.startswith("vnet.old-") for name in siblings)
+
+
+@pytest.mark.skipif(not SHARED_LA.is_dir(), reason="real LA data not present at ../shared/data/LA")
+def test_real_la_small_patch(tmp_path):
+    out = tmp_path / "model"
+    run_script(TRAIN, "--root_path", SHARED_LA, "--output_root", out, "--labelnum", "4", "--max_iterations", "2",
+               "--patch_size", "64", "64", "32", "--batch_size", "2", "--num_workers", "0", "--progress", "0",
+               "--no_eval", cwd=tmp_path)
+    run = run_dir(out, 4)
+    cases = read_list(SHARED_LA / "test.list")[:2]
+    run_script("test_3D.py", "--run", run, "--cases", *cases, "--stride_xy", "64", "--stride_z", "32",
+               "--progress", "0", cwd=tmp_path)
+    summary = read_summary(run / "eval_iter_2")
+    assert summary["num_cases"] == 2 and 0.0 <= summary["dice"]["mean"] <= 1.0

@@ -1,0 +1,127 @@
+"""Sliding window, learning-rate schedules, EMA, checkpoints, RNG capture."""
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from networks.vnet import VNet
+from utils.checkpoint import load_checkpoint, load_models, save_checkpoint
+from utils.ema import make_teacher, update_ema
+from utils.errors import UserError
+from utils.lr_schedule import lr_at
+from utils.runtime import capture_rng_state, restore_rng_state
+from utils.sliding_window import (check_window, reference_sliding_window, sliding_window_inference,
+                                  window_corners, window_starts)
+
+CPU = torch.device("cpu")
+
+
+def threshold_predict(x):
+    """A stand-in network: class 1 where the voxel is positive, as exact one-hot probabilities."""
+    fg = (x > 0).float()
+    return torch.cat([1 - fg, fg], dim=1)
+
+
+def test_window_positions_of_an_la_case():
+    assert window_starts(190, 112, 18) == [0, 18, 36, 54, 72, 78]
+    assert window_starts(142, 112, 18) == [0, 18, 30]
+    assert window_starts(88, 80, 4) == [0, 4, 8]
+    assert len(window_corners((190, 142, 88), (112, 112, 80), 18, 4)) == 54
+    assert window_starts(112, 112, 18) == [0]
+
+
+@pytest.mark.parametrize("shape", [(40, 37, 21), (20, 18, 9)])  # larger than and smaller than the patch
+def test_sliding_window_reconstructs_a_known_volume_exactly(shape):
+    rng = np.random.RandomState(0)
+    image = rng.randn(*shape).astype(np.float32)
+    for sw_batch_size in (1, 3, 100):
+        labels, score = sliding_window_inference(threshold_predict, image, (32, 32, 16), 6, 4, 2, CPU,
+                                                 sw_batch_size=sw_batch_size)
+        assert labels.shape == shape and score.shape == (2,) + shape
+        assert np.array_equal(labels, (image > 0).astype(np.uint8))
+        assert np.array_equal(score[1], (image > 0).astype(np.float32))
+
+
+def test_sliding_window_agrees_with_the_one_window_algorithm():
+    torch.manual_seed(0)
+    net = VNet(1, 2, 8, "batchnorm").eval()
+    with torch.no_grad():
+        net.out_conv.bias.copy_(torch.tensor([0.0, 0.02]))
+    image = np.random.RandomState(1).randn(45, 38, 20).astype(np.float32)
+    ref_labels, ref_score = reference_sliding_window(net, image, (32, 32, 16), 9, 4, 2, CPU)
+    labels, score = sliding_window_inference(lambda x: torch.softmax(net(x), 1), image, (32, 32, 16), 9, 4, 2,
+                                             CPU, sw_batch_size=4)
+    assert 0 < ref_labels.mean() < 1  # both classes occur, so equality means something
+    assert np.array_equal(labels, ref_labels)
+    np.testing.assert_allclose(score, ref_score, atol=1e-5)
+
+
+def test_window_checks():
+    with pytest.raises(UserError, match="without a prediction"):
+        check_window((32, 32, 16), 40, 4)
+    with pytest.raises(UserError, match="positive"):
+        check_window((32, 32, 16), 0, 4)
+
+
+def test_step_and_poly_schedules():
+    assert lr_at(0, 0.01, "step", 6000) == 0.01
+    assert lr_at(2499, 0.01, "step", 6000) == 0.01
+    assert lr_at(2500, 0.01, "step", 6000) == pytest.approx(0.001)
+    assert lr_at(5999, 0.01, "step", 6000) == pytest.approx(0.0001)
+    assert lr_at(0, 0.01, "poly", 100) == 0.01
+    assert lr_at(50, 0.01, "poly", 100) == pytest.approx(0.01 * 0.5 ** 0.9)
+    assert lr_at(50, 0.01, "linear", 100) == pytest.approx(0.005)
+    with pytest.raises(UserError):
+        lr_at(0, 0.01, "cyclic", 100)
+
+
+def test_teacher_gets_no_gradient_and_follows_ema():
+    student = torch.nn.Linear(3, 2)
+    teacher = make_teacher(student)
+    assert all(not p.requires_grad for p in teacher.parameters())
+    before = [p.clone() for p in teacher.parameters()]
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    update_ema(teacher, student, decay=0.99, global_step=1000)
+    for t, b, s in zip(teacher.parameters(), before, student.parameters()):
+        assert torch.allclose(t, 0.99 * b + 0.01 * s)
+    update_ema(teacher, student, decay=0.99, global_step=0)  # alpha = 0: copy the student
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        assert torch.allclose(t, s)
+
+
+def test_checkpoint_round_trip_is_atomic_and_checked(tmp_path):
+    net = torch.nn.Linear(3, 2)
+    path = tmp_path / "latest.pth"
+    save_checkpoint(path, {"script": "train_a", "iteration": 5, "models": {"model": net.state_dict()},
+                           "rng": capture_rng_state()})
+    assert [p.name for p in tmp_path.iterdir()] == ["latest.pth"]
+    state = load_checkpoint(path)
+    other = torch.nn.Linear(3, 2)
+    load_models(state, {"model": other}, path, "train_a")
+    assert torch.equal(other.weight, net.weight)
+    with pytest.raises(UserError, match="written by train_a, not by train_b"):
+        load_models(state, {"model": other}, path, "train_b")
+    with pytest.raises(UserError, match="does not match"):
+        load_models(state, {"model": torch.nn.Linear(4, 2)}, path, "train_a")
+    with pytest.raises(UserError, match="holds networks"):
+        load_models(state, {"model": other, "teacher": other}, path, "train_a")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="cannot be read"):
+        load_checkpoint(tmp_path / "junk.pth")
+    with pytest.raises(UserError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pth")
+
+
+def test_rng_state_survives_a_checkpoint(tmp_path):
+    torch.manual_seed(1)
+    np.random.seed(1)
+    random.seed(1)
+    save_checkpoint(tmp_path / "c.pth", {"models": {}, "rng": capture_rng_state()})
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    restore_rng_state(load_checkpoint(tmp_path / "c.pth")["rng"])
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1])
+    assert random.random() == expected[2]
