@@ -3,10 +3,10 @@ of the supervised baseline (the real script vs a bare loop). What they measure: 
 
     python code/benchmark.py --root_path /work/shared/data/LA --json benchmark.json
     python code/benchmark.py --only inference --repeats 3
-    python code/benchmark.py --only training --rounds 2 --iterations 4
+    python code/benchmark.py --only training --rounds 3 --iterations 4
 
-Each comparison runs its two variants interleaved in one invocation (A B A B ...) and reports medians, so
-load from other processes falls on both alike. Requirements checked: inference at least 1.3x faster than
+Everything runs on the CPU. Each comparison runs its two variants interleaved in one invocation
+(A B A B ...) and reports medians, so load from other processes falls on both alike. Requirements checked: inference at least 1.3x faster than
 the reference with identical label maps (a mismatch exits 1); training plumbing at most 5% slower per
 iteration than the bare loop; peak memory of the training run at most 6 GiB.
 """
@@ -15,9 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import argparse  # noqa: E402
 import concurrent.futures  # noqa: E402
-import copy  # noqa: E402
 import datetime as dt  # noqa: E402
 import json  # noqa: E402
 import multiprocessing  # noqa: E402
@@ -25,6 +23,7 @@ import os  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
 import resource  # noqa: E402
+import shlex  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
@@ -40,8 +39,8 @@ from networks.vnet import VNet  # noqa: E402
 from utils.checkpoint import load_checkpoint  # noqa: E402
 from utils.cli import ArgumentParser, resolve_path, run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
-from utils.sliding_window import (channels_last, padding_for, reference_sliding_window,  # noqa: E402
-                                  sliding_window_inference, window_corners)
+from utils.sliding_window import (channels_last, keep_freed_memory, padding_for,  # noqa: E402
+                                  reference_sliding_window, sliding_window_inference, window_corners)
 
 CPU = torch.device("cpu")
 PATCH = (112, 112, 80)
@@ -63,7 +62,7 @@ def get_parser():
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads in this process (default: torch's, one per core)")
+                        help="torch intra-op threads of every variant (default: torch's, one per core)")
 
     inference = parser.add_argument_group("inference")
     inference.add_argument("--case", default=None, help="test case id (default: the first of test.list)")
@@ -73,14 +72,16 @@ def get_parser():
     inference.add_argument("--sw_batch_size", type=int, default=4, help="ours: windows per forward (default: 4)")
     inference.add_argument("--memory_format", choices=("channels_last", "contiguous"), default="channels_last",
                            help="ours: the network's memory format (default: channels_last)")
+    inference.add_argument("--allocator", choices=("tuned", "default"), default="tuned",
+                           help="ours: keep_freed_memory() in its process, or malloc's defaults (default: tuned)")
 
     training = parser.add_argument_group("training")
-    training.add_argument("--rounds", type=int, default=2, help="ours/bare pairs of runs (default: 2)")
+    training.add_argument("--rounds", type=int, default=3, help="ours/bare pairs of runs (default: 3)")
     training.add_argument("--iterations", type=int, default=4, help="iterations per run (default: 4)")
     training.add_argument("--warmup", type=int, default=1,
                           help="leading iterations of each run left out of the timing (default: 1)")
-    training.add_argument("--num_workers", type=int, default=None,
-                          help="ours: data loader workers (default: the script's, 2)")
+    training.add_argument("--script_args", default="",
+                          help='ours: extra flags for the training script, e.g. "--deterministic 0"')
     return parser
 
 
@@ -108,10 +109,10 @@ def cpu_model():
     return platform.processor() or "unknown"
 
 
-def machine_info():
+def machine_info(threads):
     """What the figures depend on: CPU, core count, torch version and threads, current load."""
     return {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "torch_threads": threads or torch.get_num_threads(),
             "torch_interop_threads": torch.get_num_interop_threads(),
             "mkldnn": torch.backends.mkldnn.is_available(), "loadavg_start": list(os.getloadavg()),
             "date": dt.datetime.now().isoformat(timespec="seconds")}
@@ -180,64 +181,93 @@ def inference_network(args, image):
                  "the central window is foreground")
 
 
-def ours_network(net, memory_format):
-    """A copy of ``net`` in the memory format ours runs with (the reference keeps the original)."""
-    ours = copy.deepcopy(net)
-    return channels_last(ours) if memory_format == "channels_last" else ours
+def variant_runner(variant, args, image):
+    """Prepare ``variant`` in this process and return a call that predicts the whole case with it:
+    'reference' is the anchors' loop on the network as built; 'ours' is :func:`sliding_window_inference`
+    with ``--memory_format``, ``--allocator`` and ``--sw_batch_size``."""
+    net, weights = inference_network(args, image)
+    facts = {"weights": weights, "fingerprint": float(sum(v.double().sum() for v in net.state_dict().values()))}
+    if variant == "reference":
+        warm_up(net, 1)
+        return (lambda: reference_sliding_window(net, image, PATCH, STRIDE_XY, STRIDE_Z, NUM_CLASSES, CPU)), facts
+    facts["allocator_tuned"] = keep_freed_memory() if args.allocator == "tuned" else False
+    if args.memory_format == "channels_last":
+        channels_last(net)
+    warm_up(net, args.sw_batch_size)
+    return (lambda: sliding_window_inference(lambda x: torch.softmax(net(x), dim=1), image, PATCH, STRIDE_XY,
+                                             STRIDE_Z, NUM_CLASSES, CPU, sw_batch_size=args.sw_batch_size)), facts
 
 
 @torch.inference_mode()
-def warm_up(reference_net, ours_net, sw_batch_size):
-    """One forward pass of each network at its batch size, so oneDNN's one-off set-up is not timed."""
-    window = torch.zeros((1, 1) + PATCH)
-    reference_net(window)
-    ours_net(window.expand(sw_batch_size, -1, -1, -1, -1).contiguous())
+def warm_up(net, batch_size):
+    """One forward pass at the batch size the variant uses, so oneDNN's one-off set-up is not timed."""
+    net(torch.zeros((batch_size, 1) + PATCH))
+
+
+_WORKER = {}
+
+
+def inference_setup(variant, args):
+    """In a variant's worker process: load the case, prepare the variant, and say what was prepared."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    case_id, image = load_test_case(args.root_path, args.case)
+    _WORKER["run"], facts = variant_runner(variant, args, image)
+    return {"case": case_id, "shape": list(image.shape), **facts}
+
+
+def inference_repeat():
+    """In a variant's worker process: one timed prediction of the case, and the process's peak RSS."""
+    seconds, (labels, score) = timed(_WORKER["run"])
+    return {"seconds": seconds, "labels": labels, "score": score,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def worker_pool():
+    """A fresh spawned process (its own allocator settings, threads and peak RSS) that keeps its state
+    between tasks."""
+    return concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
 
 
 def compare_predictions(reference, ours):
-    """Differing label voxels, the largest score difference, and the reference's smallest class margin
-    (a label can only flip where the margin is below the score difference)."""
-    ref_labels, ref_score = reference
-    labels, score = ours
-    return {"differing_voxels": int(np.count_nonzero(labels != ref_labels)),
-            "max_abs_score_diff": float(np.abs(score - ref_score).max()),
-            "min_reference_margin": float(np.abs(ref_score[1] - ref_score[0]).min()),
-            "foreground_fraction": float(ref_labels.mean())}
+    """Differing label voxels, the largest score difference, and how many voxels were close enough to a
+    tie for that difference to flip them (reference class margin at most twice the difference)."""
+    difference = float(np.abs(ours["score"] - reference["score"]).max())
+    margin = np.abs(reference["score"][1] - reference["score"][0])
+    return {"differing_voxels": int(np.count_nonzero(ours["labels"] != reference["labels"])),
+            "max_abs_score_diff": difference, "voxels_near_tie": int(np.count_nonzero(margin <= 2 * difference)),
+            "foreground_fraction": float(reference["labels"].mean())}
 
 
 def bench_inference(args):
-    """Time the reference and ours on one full LA case, interleaved ``--repeats`` times; check equality."""
-    case_id, image = load_test_case(args.root_path, args.case)
-    reference_net, weights = inference_network(args, image)
-    ours_net = ours_network(reference_net, args.memory_format)
-
-    def run_reference():
-        return reference_sliding_window(reference_net, image, PATCH, STRIDE_XY, STRIDE_Z, NUM_CLASSES, CPU)
-
-    def run_ours():
-        return sliding_window_inference(lambda x: torch.softmax(ours_net(x), dim=1), image, PATCH, STRIDE_XY,
-                                        STRIDE_Z, NUM_CLASSES, CPU, sw_batch_size=args.sw_batch_size)
-
-    warm_up(reference_net, ours_net, args.sw_batch_size)
-    seconds = {"reference": [], "ours": []}
+    """Time the reference and ours on one full LA case, each in its own worker process, interleaved
+    ``--repeats`` times; check that they predict the same."""
+    variants = ("reference", "ours")
+    results = {variant: [] for variant in variants}
     comparisons = []
-    for _ in range(args.repeats):
-        reference_seconds, reference = timed(run_reference)
-        ours_seconds, ours = timed(run_ours)
-        seconds["reference"].append(reference_seconds)
-        seconds["ours"].append(ours_seconds)
-        comparisons.append(compare_predictions(reference, ours))
-    medians = {name: statistics.median(values) for name, values in seconds.items()}
-    padded = [s + left + right for s, (left, right) in zip(image.shape, padding_for(image.shape, PATCH))]
-    return {"case": case_id, "shape": list(image.shape),
+    with worker_pool() as reference_pool, worker_pool() as ours_pool:
+        pools = dict(zip(variants, (reference_pool, ours_pool)))
+        facts = {variant: pool.submit(inference_setup, variant, args).result() for variant, pool in pools.items()}
+        if facts["reference"]["fingerprint"] != facts["ours"]["fingerprint"]:
+            raise UserError("the two worker processes built different networks; the comparison would be void")
+        for _ in range(args.repeats):
+            for variant, pool in pools.items():
+                results[variant].append(pool.submit(inference_repeat).result())
+            comparisons.append(compare_predictions(results["reference"][-1], results["ours"][-1]))
+    seconds = {variant: [r["seconds"] for r in runs] for variant, runs in results.items()}
+    medians = {variant: statistics.median(values) for variant, values in seconds.items()}
+    shape = facts["reference"]["shape"]
+    padded = [s + left + right for s, (left, right) in zip(shape, padding_for(shape, PATCH))]
+    return {"case": facts["reference"]["case"], "shape": shape,
             "windows": len(window_corners(padded, PATCH, STRIDE_XY, STRIDE_Z)),
-            "patch": list(PATCH), "stride_xy": STRIDE_XY, "stride_z": STRIDE_Z, "weights": weights,
-            "sw_batch_size": args.sw_batch_size, "memory_format": args.memory_format,
-            "seconds": seconds, "median_seconds": medians,
-            "speedup": medians["reference"] / medians["ours"],
+            "patch": list(PATCH), "stride_xy": STRIDE_XY, "stride_z": STRIDE_Z,
+            "weights": facts["reference"]["weights"], "sw_batch_size": args.sw_batch_size,
+            "memory_format": args.memory_format, "allocator_tuned": facts["ours"]["allocator_tuned"],
+            "seconds": seconds, "median_seconds": medians, "speedup": medians["reference"] / medians["ours"],
+            "peak_rss_bytes": {variant: max(r["peak_rss_bytes"] for r in runs) for variant, runs in results.items()},
             "differing_voxels": max(c["differing_voxels"] for c in comparisons),
             "max_abs_score_diff": max(c["max_abs_score_diff"] for c in comparisons),
-            "min_reference_margin": comparisons[0]["min_reference_margin"],
+            "voxels_near_tie": max(c["voxels_near_tie"] for c in comparisons),
             "foreground_fraction": comparisons[0]["foreground_fraction"]}
 
 
@@ -270,20 +300,21 @@ def seconds_of_day(path):
 
 
 def ours_command(args, output_root):
-    """The supervised script with its defaults, cut to ``--iterations`` and without the final evaluation."""
-    command = [sys.executable, str(Path(train_supervised_3D.__file__).resolve()),
-               "--root_path", str(args.root_path), "--output_root", str(output_root),
-               "--max_iterations", str(args.iterations), "--seed", str(args.seed), "--no_eval", "--progress", "0"]
-    if args.num_workers is not None:
-        command += ["--num_workers", str(args.num_workers)]
-    return command
+    """The supervised script with its defaults (and ``--script_args``), cut to ``--iterations``, on the CPU
+    like the bare loop, without the final evaluation."""
+    return [sys.executable, str(Path(train_supervised_3D.__file__).resolve()),
+            "--root_path", str(args.root_path), "--output_root", str(output_root),
+            "--max_iterations", str(args.iterations), "--seed", str(args.seed), "--device", "cpu", "--no_eval",
+            "--progress", "0", *shlex.split(args.script_args)]
 
 
-def run_and_measure(command, log_path):
-    """Run ``command`` with its output in ``log_path``; return the child's peak RSS in bytes (the largest
-    of the process and its own children, i.e. the data loader workers, as ``wait4`` reports it)."""
+def run_and_measure(command, log_path, threads):
+    """Run ``command`` with its output in ``log_path`` (and ``threads`` torch threads when given); return
+    the child's peak RSS in bytes (the largest of the process and its own children, i.e. the data loader
+    workers, as ``wait4`` reports it)."""
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     with open(log_path, "w") as output:
-        proc = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
@@ -295,8 +326,8 @@ def run_and_measure(command, log_path):
 def run_ours(args, workdir):
     """One run of the real script: timed iterations, peak RSS, and the final checkpoint write (which comes
     after the last iteration's log line, so outside the timed iterations)."""
-    rss = run_and_measure(ours_command(args, workdir), workdir / "stdout.txt")
-    run_dir = workdir / "LA" / "Supervised_8" / "vnet"
+    rss = run_and_measure(ours_command(args, workdir), workdir / "stdout.txt", args.threads)
+    run_dir = next(workdir.glob("**/log.txt")).parent
     times = log_times(run_dir / "log.txt")
     checkpoint_seconds = seconds_of_day(run_dir / "latest.pth") - times[max(times)]
     return {"iteration_seconds": iteration_seconds(times, args.warmup), "peak_rss_bytes": rss,
@@ -315,14 +346,16 @@ def preloaded_batch(root):
 
 
 def bare_loop(root, iterations, warmup, seed, threads):
-    """The script's network, loss and optimiser on a preloaded batch, nothing else; returns the durations
-    of iterations ``warmup + 1 ..`` and this process's peak RSS in bytes."""
+    """The script's network, loss and optimiser (with its default flags) on a preloaded batch, nothing else;
+    returns the durations of iterations ``warmup + 1 ..`` and this process's peak RSS in bytes."""
     if threads is not None:
         torch.set_num_threads(threads)
     image, label = preloaded_batch(root)
+    script = train_supervised_3D.get_parser().parse_args([])
     torch.manual_seed(seed)
-    model = train_supervised_3D.build_networks(argparse.Namespace(model="vnet", has_dropout=1))["model"].train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    model = train_supervised_3D.build_networks(script)["model"].train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=script.base_lr, momentum=script.momentum,
+                                weight_decay=script.weight_decay)
     stamps = [time.perf_counter()]
     for _ in range(iterations):
         loss, _, _ = train_supervised_3D.supervised_loss(model(image), label)
@@ -337,8 +370,7 @@ def bare_loop(root, iterations, warmup, seed, threads):
 
 def run_bare(args):
     """One bare-loop run in a fresh spawned process."""
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+    with worker_pool() as pool:
         return pool.submit(bare_loop, str(args.root_path), args.iterations, args.warmup, args.seed,
                            args.threads).result()
 
@@ -356,7 +388,7 @@ def bench_training(args):
     medians = {name: statistics.median(values) for name, values in seconds.items()}
     checkpoint = statistics.median(run["final_checkpoint_seconds"] for run in runs["ours"])
     return {"batch_size": TRAIN_BATCH, "patch": list(PATCH), "iterations_per_run": args.iterations,
-            "warmup": args.warmup, "rounds": args.rounds, "num_workers": args.num_workers,
+            "warmup": args.warmup, "rounds": args.rounds, "script_args": args.script_args,
             "seconds": seconds, "median_seconds": medians, "overhead": medians["ours"] / medians["bare"] - 1,
             "peak_rss_bytes": {name: max(run["peak_rss_bytes"] for run in results)
                                for name, results in runs.items()},
@@ -370,6 +402,7 @@ def verdict(ok):
 
 def inference_rows(result):
     medians = result["median_seconds"]
+    rss = result["peak_rss_bytes"]
     equal = result["differing_voxels"] == 0
     return [
         ("case", f"{result['case']} {'x'.join(map(str, result['shape']))}, {result['windows']} windows "
@@ -377,12 +410,14 @@ def inference_rows(result):
         ("weights", result["weights"], ""),
         ("reference s/case", f"{medians['reference']:.2f}  (runs: {_runs(result['seconds']['reference'])})", ""),
         ("ours s/case", f"{medians['ours']:.2f}  (runs: {_runs(result['seconds']['ours'])}; sw_batch_size "
-                        f"{result['sw_batch_size']}, {result['memory_format']})", ""),
+                        f"{result['sw_batch_size']}, {result['memory_format']}, allocator "
+                        f"{'tuned' if result['allocator_tuned'] else 'default'})", ""),
         ("speed-up", f"{result['speedup']:.2f}x", f"{verdict(result['speedup'] >= MIN_SPEEDUP)} (>= {MIN_SPEEDUP}x)"),
         ("label maps", f"{result['differing_voxels']} differing voxels, foreground "
                        f"{100 * result['foreground_fraction']:.1f}%", verdict(equal) + " (identical)"),
-        ("score maps", f"max |diff| {result['max_abs_score_diff']:.3g}, smallest reference class margin "
-                       f"{result['min_reference_margin']:.3g}", ""),
+        ("score maps", f"max |diff| {result['max_abs_score_diff']:.3g}; {result['voxels_near_tie']} voxels "
+                       "within twice that of a tie", ""),
+        ("peak RSS", f"reference {rss['reference'] / GIB:.2f} GiB, ours {rss['ours'] / GIB:.2f} GiB", ""),
     ]
 
 
@@ -391,7 +426,8 @@ def training_rows(result):
     rss = result["peak_rss_bytes"]
     return [
         ("setting", f"batch {result['batch_size']} x {'x'.join(map(str, result['patch']))}, {result['rounds']} "
-                    f"rounds x {result['iterations_per_run']} iterations, first {result['warmup']} untimed", ""),
+                    f"rounds x {result['iterations_per_run']} iterations, first {result['warmup']} untimed; "
+                    f"script flags: {result['script_args'] or 'defaults'}", ""),
         ("ours s/iteration", f"{medians['ours']:.2f}  (iterations: {_runs(result['seconds']['ours'])})", ""),
         ("bare s/iteration", f"{medians['bare']:.2f}  (iterations: {_runs(result['seconds']['bare'])})", ""),
         ("plumbing overhead", f"{100 * result['overhead']:+.1f}%",
@@ -399,8 +435,8 @@ def training_rows(result):
         ("peak RSS ours", f"{rss['ours'] / GIB:.2f} GiB", f"{verdict(rss['ours'] <= MAX_RSS_GIB * GIB)} "
                                                          f"(<= {MAX_RSS_GIB:.0f} GiB)"),
         ("peak RSS bare", f"{rss['bare'] / GIB:.2f} GiB", ""),
-        ("final checkpoint", f"{result['final_checkpoint_seconds']:.2f} s after the last iteration (untimed; "
-                             "every 200 iterations with --save_interval 200)", ""),
+        ("final checkpoint", f"{result['final_checkpoint_seconds']:.2f} s after the last iteration (untimed; the "
+                             "script writes one every --save_interval iterations, 200 by default)", ""),
     ]
 
 
@@ -421,9 +457,7 @@ def main(argv=None):
     args.root_path = resolve_path(args.root_path)
     if not args.root_path.is_dir():
         raise UserError(f"LA data root {args.root_path} not found (pass --root_path)")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    report = {"machine": machine_info(), "args": {k: str(v) for k, v in vars(args).items()}}
+    report = {"machine": machine_info(args.threads), "args": {k: str(v) for k, v in vars(args).items()}}
     machine = report["machine"]
     print(f"{machine['cpu']}, {machine['cpu_count']} cores; torch {machine['torch']}, "
           f"{machine['torch_threads']} threads; load average {machine['loadavg_start'][0]:.2f}")

@@ -20,7 +20,7 @@ from dataloaders.registry import get_dataset_spec  # noqa: E402
 from utils.checkpoint import load_checkpoint, load_models  # noqa: E402
 from utils.cli import ArgumentParser, resolve_path, run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
-from utils.evaluation import evaluate, format_summary, new_eval_dir  # noqa: E402
+from utils.evaluation import evaluate, format_summary, new_eval_dir, prepare_for_inference  # noqa: E402
 from utils.run import snapshot_name  # noqa: E402
 from utils.runtime import select_device  # noqa: E402
 from utils.sliding_window import check_window  # noqa: E402
@@ -98,8 +98,7 @@ def main(argv=None):
     nets = module.build_networks(run_args)
     state = load_checkpoint(path)
     load_models(state, nets, path, config["script"])
-    for net in nets.values():
-        net.to(device).eval()
+    prepare_for_inference(nets, device)
     dataset = spec.dataset_class(root, args.split, case_ids=args.cases)
 
     out_dir = new_eval_dir(run_dir, path.name, nms)

@@ -62,7 +62,8 @@ def main(argv=None):
 
     transform = Compose([RandomRotFlip(), RandomCrop(args.patch_size), ToTensor()])
     check_labelnum(args, len(spec.dataset_class.list_ids(args.root_path, "train")), semi_supervised=False)
-    train_set = spec.dataset_class(args.root_path, "train", num=args.labelnum, transform=transform)
+    train_set = spec.dataset_class(args.root_path, "train", num=args.labelnum, transform=transform,
+                                   cache=bool(args.cache))
     test_set = spec.dataset_class(args.root_path, "test") if not args.no_eval else None
     sampler = RandomBatchSampler(range(args.labelnum), args.batch_size, seed=args.seed)
 

@@ -47,14 +47,19 @@ class LAHeart:
     """Cases of one split of an LA-layout dataset, validated when the dataset is built.
 
     ``LAHeart(root, split="train", num=None, transform=None)`` keeps the first ``num`` ids of the split
-    list (all when None); ``case_ids`` picks a subset of the list instead. Construction checks that the root and list exist and that every listed case
-    reads cleanly (keys, shapes, binary labels), so a bad file is reported before training starts.
+    list (all when None); ``case_ids`` picks a subset of the list instead. Construction checks that the
+    root and list exist and that every listed case reads cleanly (keys, shapes, binary labels), so a bad
+    file is reported before training starts.
+    With ``cache`` the volumes read then are kept in memory (about 12 MB per LA case): decompressing four
+    gzip h5 files per iteration otherwise costs a CPU run about 0.4 s of CPU time per batch. Filled before
+    the loader's workers start, the cache is shared with them copy-on-write.
 
     Items are ``{'image', 'label', 'case'}`` dicts. An item key is an index or ``(index, seed)``; with a
     seed the transform gets its own ``RandomState(seed)`` (see ``dataloaders.samplers.InfiniteBatches``).
     """
 
-    def __init__(self, root, split="train", num=None, transform=None, num_classes=2, case_ids=None):
+    def __init__(self, root, split="train", num=None, transform=None, num_classes=2, case_ids=None,
+                 cache=False):
         self.root = Path(root)
         self.split = split
         ids = self.list_ids(root, split)
@@ -66,6 +71,7 @@ class LAHeart:
         self.case_ids = ids[:num] if num is not None else ids
         self.transform = transform
         self.num_classes = num_classes
+        self._cache = {} if cache else None
         self.shapes = {case_id: self._validate(case_id) for case_id in self.case_ids}
 
     @staticmethod
@@ -83,7 +89,9 @@ class LAHeart:
         path = case_path(self.root, case_id)
         if not path.is_file():
             raise DataError(f"case {case_id!r} listed in {SPLIT_FILES[self.split]} has no file {path}")
-        _, label = read_case(path, self.num_classes, read_image=False)
+        image, label = read_case(path, self.num_classes, read_image=self._cache is not None)
+        if self._cache is not None:
+            self._cache[case_id] = (image, label)
         return label.shape
 
     def __len__(self):
@@ -92,7 +100,10 @@ class LAHeart:
     def load(self, index):
         """The untransformed ``{'image', 'label', 'case'}`` of case ``index``."""
         case_id = self.case_ids[index]
-        image, label = read_case(case_path(self.root, case_id), self.num_classes)
+        if self._cache is not None:
+            image, label = self._cache[case_id]
+        else:
+            image, label = read_case(case_path(self.root, case_id), self.num_classes)
         return {"image": image, "label": label, "case": case_id}
 
     def __getitem__(self, key):

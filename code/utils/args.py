@@ -9,7 +9,7 @@ from utils.errors import UserError
 from utils.lr_schedule import SCHEDULES
 
 # Flags that may differ when a run is resumed: they change where and how fast it runs, not what it computes.
-RUNTIME_FLAGS = ("resume", "overwrite", "device", "num_workers", "sw_batch_size", "no_eval", "progress")
+RUNTIME_FLAGS = ("resume", "overwrite", "device", "num_workers", "cache", "sw_batch_size", "no_eval", "progress")
 
 
 def training_parser(description, *, exp, max_iterations, batch_size, base_lr, seed=1337,
@@ -25,6 +25,8 @@ def training_parser(description, *, exp, max_iterations, batch_size, base_lr, se
     data.add_argument("--patch_size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
                       help="training crop, each divisible by 16 (default: the dataset's, 112 112 80 for LA)")
     data.add_argument("--num_workers", type=int, default=2, help="data loader workers (default: 2)")
+    data.add_argument("--cache", type=int, choices=(0, 1), default=1,
+                      help="keep the training volumes in memory (default: 1; about 12 MB per LA case)")
 
     run = parser.add_argument_group("run")
     run.add_argument("--exp", default=exp, help="experiment name; the run goes to model/{exp}_{labelnum}/{model}")

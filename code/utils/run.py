@@ -28,7 +28,7 @@ from utils.args import RUNTIME_FLAGS
 from utils.checkpoint import load_checkpoint, load_models, save_checkpoint
 from utils.cli import REPO_ROOT
 from utils.errors import UserError
-from utils.evaluation import evaluate, format_summary, new_eval_dir
+from utils.evaluation import evaluate, format_summary, new_eval_dir, prepare_for_inference
 from utils.runtime import autocast, capture_rng_state, restore_rng_state, seed_everything, select_device
 
 LOG_FORMAT = "[%(asctime)s.%(msecs)03d] %(message)s"
@@ -45,14 +45,22 @@ def snapshot_name(iteration):
     return f"iter_{iteration}.pth"
 
 
-def _git_info():
-    def git(*cmd):
-        return subprocess.run(["git", "-C", str(REPO_ROOT), *cmd], capture_output=True, text=True,
-                              timeout=10).stdout.strip()
+def _git(*cmd):
+    return subprocess.run(["git", "-C", str(REPO_ROOT), *cmd], capture_output=True, text=True,
+                          timeout=10).stdout
+
+
+def _git_info(run_dir):
+    """Commit and dirty flag of the code; with uncommitted edits (a researcher trying an idea), their
+    diff is kept as ``git.diff`` in the run directory so that the run can be traced to its code."""
     try:
-        return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain"))}
+        commit = _git("rev-parse", "HEAD").strip() or None
+        dirty = bool(_git("status", "--porcelain", "--untracked-files=no").strip())
+        if dirty:
+            (run_dir / "git.diff").write_text(_git("diff", "HEAD"))
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": dirty, "diff": "git.diff" if dirty else None}
 
 
 def _versions():
@@ -153,7 +161,7 @@ class TrainingRun:
             config = stored
         else:
             config = {"script": self.script, "args": current, "command": sys.argv,
-                      "git": _git_info(), "versions": _versions(), "host": socket.gethostname(),
+                      "git": _git_info(self.dir), "versions": _versions(), "host": socket.gethostname(),
                       "device": str(self.device), "started": dt.datetime.now().isoformat(timespec="seconds")}
         tmp = path.with_name(".config.json.tmp")
         tmp.write_text(json.dumps(config, indent=2) + "\n")
@@ -231,8 +239,7 @@ class TrainingRun:
         self.logger.info(f"training finished at iteration {self.args.max_iterations}; weights in {self.dir}")
         summary = None
         if not self.args.no_eval:
-            for module in models.values():
-                module.eval()
+            prepare_for_inference(models, self.device)
             out_dir = new_eval_dir(self.dir, snapshot_name(self.args.max_iterations), self.args.nms)
             summary = evaluate(
                 lambda x: predict(models, x), test_dataset, out_dir, patch_size=self.args.patch_size,

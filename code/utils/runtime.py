@@ -27,7 +27,11 @@ def select_device(name="auto"):
 def seed_everything(seed, deterministic=True):
     """Seed ``random``, numpy and torch (CPU and CUDA); with ``deterministic`` also ask for
     deterministic algorithms (``warn_only``: an op without one warns instead of stopping a run) and
-    turn off cuDNN benchmarking, as ``cudnn.deterministic`` alone is not enough."""
+    turn off cuDNN benchmarking, as ``cudnn.deterministic`` alone is not enough.
+
+    Deterministic mode would also fill every new tensor with NaN (``fill_uninitialized_memory``), a debugging
+    aid that made our CPU training step 5-10% slower (docs/benchmarks.md) and changes no result of an op that
+    is correct; it is turned off."""
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
@@ -37,6 +41,7 @@ def seed_everything(seed, deterministic=True):
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(bool(deterministic), warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
 
 
 def autocast(device, enabled):
