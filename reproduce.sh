@@ -20,15 +20,19 @@ cd "$(dirname "$0")"
 DATA_ROOT=${DATA_ROOT:-data/LA}
 LABELNUMS=${LABELNUMS:-"8 16"}
 SEEDS=${SEEDS:-1337}
-METHODS=${METHODS:-"supervised"}
+METHODS=${METHODS:-"supervised ugmcl"}
 DEVICE=${DEVICE:-auto}
 EXTRA_ARGS=${EXTRA_ARGS:-}
 PYTHON=${PYTHON:-python}
 
-declare -A SCRIPT=([supervised]=train_supervised_3D.py)
-declare -A EXP=([supervised]=Supervised)
-declare -A ITERATIONS=([supervised]=6000)
+declare -A SCRIPT=([supervised]=train_supervised_3D.py [ugmcl]=train_ugmcl_3D.py)
+declare -A EXP=([supervised]=Supervised [ugmcl]=UGMCL)
+declare -A MODEL=([supervised]=vnet [ugmcl]=vnet_sdf)
+declare -A ITERATIONS=([supervised]=6000 [ugmcl]=6000)
+# flags a method needs in the quick start's batch of 2 (semi-supervised: 1 labelled + 1 unlabelled crop)
+declare -A QUICK_ARGS=([supervised]="" [ugmcl]="--labeled_bs 1")
 COMMON=(--device "$DEVICE")
+QUICK=0
 DATASET_TAG=LA
 
 if [ ! -f "$DATA_ROOT/train.list" ]; then
@@ -42,6 +46,7 @@ if [ ! -f "$DATA_ROOT/train.list" ]; then
     DATASET_TAG=quickstart_synthetic
     for method in "${!ITERATIONS[@]}"; do ITERATIONS[$method]=${QUICK_ITERATIONS:-200}; done
     COMMON+=(--patch_size 64 64 32 --batch_size 2 --stride_xy 16 --stride_z 8)
+    QUICK=1
 fi
 
 failed=()
@@ -54,10 +59,12 @@ for seed in $SEEDS; do
                 echo "unknown method '$method' (known: ${!SCRIPT[*]})"; failed+=("$method"); continue
             fi
             exp="${DATASET_TAG}_seed${seed}/${EXP[$method]}"
-            run="model/${exp}_${labelnum}/vnet"
+            run="model/${exp}_${labelnum}/${MODEL[$method]}"
             iterations=${ITERATIONS[$method]}
             args=(--root_path "$DATA_ROOT" --exp "$exp" --labelnum "$labelnum" --seed "$seed"
                   --max_iterations "$iterations" --no_eval "${COMMON[@]}")
+            # shellcheck disable=SC2206
+            [ "$QUICK" = 1 ] && args+=(${QUICK_ARGS[$method]})
             # shellcheck disable=SC2206
             args+=($EXTRA_ARGS)
             if [ -f "$run/iter_${iterations}.pth" ]; then

@@ -1,15 +1,17 @@
-"""Benchmarks on real LA data: sliding-window inference (ours vs the anchors' loop) and training iterations
-of the supervised baseline (the real script vs a bare loop). What they measure: docs/benchmarks.md.
+"""Benchmarks on real LA data: sliding-window inference (ours vs the anchors' loop), training iterations
+of the supervised baseline (the real script vs a bare loop), and the iteration cost of each method script
+relative to the supervised script. What they measure: docs/benchmarks.md.
 
     python code/benchmark.py --root_path /work/shared/data/LA --json benchmark.json
     python code/benchmark.py --only inference --repeats 3
     python code/benchmark.py --only training --rounds 3 --iterations 4
+    python code/benchmark.py --only methods --methods ugmcl --rounds 3 --iterations 3
 
 Everything runs on the CPU. Each comparison alternates its two variants in one invocation (A B A B ...)
 and reports the median of the ratios of neighbouring runs, so load from other users of the machine falls
 on both alike. Requirements checked: inference at least 1.3x faster than the reference with identical label
 maps (a mismatch exits 1); training plumbing at most 5% slower per iteration than the bare loop; peak
-memory of the training run at most 6 GiB.
+memory of the training run at most 6 GiB; peak memory of a method's run at most its limit in ``METHODS``.
 """
 import sys
 from pathlib import Path
@@ -52,14 +54,16 @@ MIN_SPEEDUP = 1.3
 MAX_OVERHEAD = 0.05
 MAX_RSS_GIB = 6.0
 GIB = 1024 ** 3
+# method name -> (training script, peak-memory limit in GiB at the paper's patch on the CPU)
+METHODS = {"ugmcl": ("train_ugmcl_3D.py", 8.0)}
 LOG_LINE = re.compile(r"^\[(\d\d):(\d\d):(\d\d)\.(\d{3})\] iteration (\d+) :")
 
 
 def get_parser():
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root_path", default="data/LA", help="LA data root (default: data/LA)")
-    parser.add_argument("--only", choices=("inference", "training"), default=None,
-                        help="run one benchmark (default: both)")
+    parser.add_argument("--only", choices=("inference", "training", "methods"), default=None,
+                        help="run one benchmark (default: all three)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--threads", type=int, default=None,
@@ -83,6 +87,10 @@ def get_parser():
                           help="leading iterations of each run left out of the timing (default: 1)")
     training.add_argument("--script_args", default="",
                           help='ours: extra flags for the training script, e.g. "--deterministic 0"')
+
+    methods = parser.add_argument_group("methods (uses --rounds, --iterations, --warmup)")
+    methods.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=sorted(METHODS),
+                         help="method scripts to time against the supervised script (default: all)")
     return parser
 
 
@@ -308,10 +316,10 @@ def seconds_of_day(path):
     return stamp.hour * 3600 + stamp.minute * 60 + stamp.second + stamp.microsecond / 1e6
 
 
-def ours_command(args, output_root):
-    """The supervised script with its defaults (and ``--script_args``), cut to ``--iterations``, on the CPU
-    like the bare loop, without the final evaluation."""
-    return [sys.executable, str(Path(train_supervised_3D.__file__).resolve()),
+def script_command(script, args, output_root):
+    """``code/<script>`` with its defaults (and ``--script_args``), cut to ``--iterations``, on the CPU like
+    the bare loop, without the final evaluation."""
+    return [sys.executable, str(Path(__file__).resolve().parent / script),
             "--root_path", str(args.root_path), "--output_root", str(output_root),
             "--max_iterations", str(args.iterations), "--seed", str(args.seed), "--device", "cpu", "--no_eval",
             "--progress", "0", *shlex.split(args.script_args)]
@@ -332,10 +340,10 @@ def run_and_measure(command, log_path, threads):
     return usage.ru_maxrss * 1024
 
 
-def run_ours(args, workdir):
-    """One run of the real script: timed iterations, peak RSS, and the final checkpoint write (which comes
+def run_ours(args, workdir, script="train_supervised_3D.py"):
+    """One run of a real script: timed iterations, peak RSS, and the final checkpoint write (which comes
     after the last iteration's log line, so outside the timed iterations)."""
-    rss = run_and_measure(ours_command(args, workdir), workdir / "stdout.txt", args.threads)
+    rss = run_and_measure(script_command(script, args, workdir), workdir / "stdout.txt", args.threads)
     run_dir = next(workdir.glob("**/log.txt")).parent
     times = log_times(run_dir / "log.txt")
     checkpoint_seconds = seconds_of_day(run_dir / "latest.pth") - times[max(times)]
@@ -410,6 +418,35 @@ def bench_training(args):
             "final_checkpoint_seconds": checkpoint}
 
 
+# -- methods: each method script against the supervised script ----------------------------------------------
+def bench_methods(args):
+    """``--rounds`` x (the supervised script, then each method script), each ``--iterations`` long with its
+    own defaults (batch 4, 112x112x80); per method the cost is the median over rounds of the round's
+    method/supervised ratio of median iteration times."""
+    names = ["supervised", *args.methods]
+    scripts = {"supervised": "train_supervised_3D.py", **{m: METHODS[m][0] for m in args.methods}}
+    runs = {name: [] for name in names}
+    loads = []
+    with tempfile.TemporaryDirectory(prefix="ssl3d-benchmark-") as tmp:
+        for round_index in range(args.rounds):
+            loads.append(os.getloadavg()[0])
+            for name in names:
+                workdir = Path(tmp) / f"round_{round_index}_{name}"
+                workdir.mkdir()
+                runs[name].append(run_ours(args, workdir, scripts[name]))
+    rounds = {name: [run["iteration_seconds"] for run in results] for name, results in runs.items()}
+    result = {"batch_size": TRAIN_BATCH, "patch": list(PATCH), "iterations_per_run": args.iterations,
+              "warmup": args.warmup, "rounds": args.rounds, "script_args": args.script_args,
+              "loadavg_per_round": loads, "seconds_per_round": rounds,
+              "median_seconds": {name: statistics.median(s for run in per_round for s in run)
+                                 for name, per_round in rounds.items()},
+              "peak_rss_bytes": {name: max(run["peak_rss_bytes"] for run in results)
+                                 for name, results in runs.items()}}
+    result["round_ratios"] = {m: paired_ratios(rounds[m], rounds["supervised"]) for m in args.methods}
+    result["ratio"] = {m: statistics.median(r) for m, r in result["round_ratios"].items()}
+    return result
+
+
 # -- report -------------------------------------------------------------------------------------------------
 def verdict(ok):
     return "PASS" if ok else "FAIL"
@@ -457,6 +494,22 @@ def training_rows(result):
     ]
 
 
+def methods_rows(result):
+    medians = result["median_seconds"]
+    rss = result["peak_rss_bytes"]
+    rows = [("setting", f"batch {result['batch_size']} x {'x'.join(map(str, result['patch']))}, each script's "
+                        f"defaults, {result['rounds']} rounds x {result['iterations_per_run']} iterations, "
+                        f"first {result['warmup']} untimed", ""),
+            ("supervised", f"{medians['supervised']:.2f} s/iteration, peak RSS {rss['supervised'] / GIB:.2f} GiB "
+                           f"(by round: {_rounds(result['seconds_per_round']['supervised'])})", "")]
+    for method, ratio in result["ratio"].items():
+        limit = METHODS[method][1]
+        rows.append((method, f"{medians[method]:.2f} s/iteration = {ratio:.2f}x supervised (rounds: "
+                             f"{_runs(result['round_ratios'][method])}), peak RSS {rss[method] / GIB:.2f} GiB",
+                     f"{verdict(rss[method] <= limit * GIB)} (<= {limit:.0f} GiB)"))
+    return rows
+
+
 def _runs(values):
     return " ".join(f"{v:.2f}" for v in values)
 
@@ -488,6 +541,9 @@ def main(argv=None):
     if args.only in (None, "training"):
         report["training"] = bench_training(args)
         print_table("training iteration (supervised baseline)", training_rows(report["training"]))
+    if args.only in (None, "methods"):
+        report["methods"] = bench_methods(args)
+        print_table("method iteration cost (each against the supervised script)", methods_rows(report["methods"]))
     report["machine"]["loadavg_end"] = list(os.getloadavg())
     if args.json:
         path = resolve_path(args.json, Path.cwd())

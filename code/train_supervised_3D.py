@@ -15,14 +15,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from dataloaders.registry import get_dataset_spec  # noqa: E402
-from dataloaders.samplers import InfiniteBatches, RandomBatchSampler  # noqa: E402
-from dataloaders.transforms import Compose, RandomCrop, RandomRotFlip, ToTensor  # noqa: E402
+from dataloaders.samplers import InfiniteBatches  # noqa: E402
+from dataloaders.training_data import build_training_data  # noqa: E402
 from networks.net_factory_3d import net_factory_3d  # noqa: E402
 from utils import losses  # noqa: E402
-from utils.args import check_labelnum, finalize_args, training_parser  # noqa: E402
+from utils.args import finalize_args, training_parser  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
 from utils.lr_schedule import lr_at, set_lr  # noqa: E402
 from utils.run import TrainingRun  # noqa: E402
@@ -49,8 +48,7 @@ def predict(nets, x):
 
 def supervised_loss(logits, label):
     """UA-MT's supervised loss: ``0.5 * (CE(logits, y) + DiceLoss(softmax(logits)[:, 1], y == 1))``."""
-    loss_ce = F.cross_entropy(logits, label)
-    loss_dice = losses.dice_loss(torch.softmax(logits, dim=1)[:, 1], label == 1)
+    loss_ce, loss_dice = losses.ce_and_dice(logits, label)
     return 0.5 * (loss_ce + loss_dice), loss_ce, loss_dice
 
 
@@ -60,12 +58,7 @@ def main(argv=None):
     args.exp = args.exp or f"{args.dataset}/Supervised"
     finalize_args(args, spec)
 
-    transform = Compose([RandomRotFlip(), RandomCrop(args.patch_size), ToTensor()])
-    check_labelnum(args, len(spec.dataset_class.list_ids(args.root_path, "train")), semi_supervised=False)
-    train_set = spec.dataset_class(args.root_path, "train", num=args.labelnum, transform=transform,
-                                   cache=bool(args.cache))
-    test_set = spec.dataset_class(args.root_path, "test") if not args.no_eval else None
-    sampler = RandomBatchSampler(range(args.labelnum), args.batch_size, seed=args.seed)
+    train_set, test_set, sampler = build_training_data(args, spec, semi_supervised=False)
 
     run = TrainingRun(args, __file__)
     nets = build_networks(args)

@@ -8,8 +8,11 @@ if str(CODE_DIR) not in sys.path:
     sys.path.insert(0, str(CODE_DIR))
 
 import json  # noqa: E402
+import os  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
+import time  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -26,6 +29,20 @@ def run_script(script, *args, cwd=REPO_ROOT, check=True):
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
+
+
+def kill_after_first_save(script, args, run_dir):
+    """Start ``code/<script>`` with ``args`` and SIGKILL it as soon as ``run_dir/latest.pth`` exists;
+    return that path (the test checks how far the run got)."""
+    proc = subprocess.Popen([sys.executable, str(CODE_DIR / script), *map(str, args)], cwd=REPO_ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = run_dir / "latest.pth"
+    deadline = time.time() + 300
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return latest
 
 
 def read_summary(eval_dir):

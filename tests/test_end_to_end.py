@@ -1,15 +1,10 @@
 """The supervised baseline end to end: train, evaluate, test_3D, resume, from any directory."""
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
-from conftest import CODE_DIR, REPO_ROOT, SHARED_LA, TINY, read_summary, run_script
+from conftest import REPO_ROOT, SHARED_LA, TINY, kill_after_first_save, read_summary, run_script
 from dataloaders.la_heart import read_list
 
 TRAIN = "train_supervised_3D.py"
@@ -63,31 +58,12 @@ def _final_weights(run):
     return torch.load(run / "iter_12.pth", weights_only=True)["models"]["model"]
 
 
-def _kill_after_first_save(args):
-    """Start a training run and SIGKILL it as soon as its first latest.pth exists."""
-    proc = subprocess.Popen([sys.executable, str(CODE_DIR / TRAIN), *map(str, args)], cwd=REPO_ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest = args_run_dir(args) / "latest.pth"
-    deadline = time.time() + 300
-    while not latest.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    return latest
-
-
-def args_run_dir(args):
-    args = list(map(str, args))
-    from pathlib import Path
-    return run_dir(Path(args[args.index("--output_root") + 1]), int(args[args.index("--labelnum") + 1]))
-
-
 def test_killed_run_resumes_to_the_same_weights(synthetic_root, tmp_path):
     common = ["--root_path", synthetic_root, "--labelnum", "4", "--max_iterations", "12", "--save_interval", "4",
               "--no_eval", *TINY]
     run_script(TRAIN, *common, "--output_root", tmp_path / "straight")
     interrupted = ["--output_root", tmp_path / "killed", *common]
-    latest = _kill_after_first_save(interrupted)
+    latest = kill_after_first_save(TRAIN, interrupted, run_dir(tmp_path / "killed", 4))
     stopped_at = torch.load(latest, weights_only=True)["iteration"]
     assert stopped_at < 12, "the run finished before it could be killed"
     assert not (latest.parent / "iter_12.pth").exists()

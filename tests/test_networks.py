@@ -74,3 +74,17 @@ def test_factory_builds_on_cpu_with_defaults_and_overrides():
 def test_factory_rejects_unknown_name():
     with pytest.raises(UserError, match="unknown network 'unet_9D'"):
         net_factory_3d("unet_9D", 1, 2)
+
+
+def test_vnet_sdf_adds_a_tanh_distance_head_to_the_same_vnet():
+    torch.manual_seed(0)
+    net = net_factory_3d("vnet_sdf", has_dropout=True).eval()
+    plain = sum(p.numel() for p in VNet(1, 2, 16, "batchnorm").parameters())
+    assert sum(p.numel() for p in net.parameters()) == plain + 16 + 1  # one 1x1x1 conv, 16 -> 1 channel
+    x = torch.randn(2, 1, 32, 32, 16)
+    with torch.no_grad():
+        logits, sdf, features = net(x, return_features=True)
+        assert torch.equal(logits, net(x)[0])
+    assert logits.shape == (2, 2, 32, 32, 16) and sdf.shape == (2, 1, 32, 32, 16)
+    assert sdf.abs().max() < 1
+    assert features["decoder"].shape == (2, 16, 32, 32, 16)

@@ -4,14 +4,17 @@ Unlike the SSL4MIS factory this never calls ``.cuda()`` and an unknown name is a
 than a silent ``None``. Method issues add their networks (``unet_3D``, the ResNet-encoder V-Net) here.
 """
 from networks.vnet import VNet
+from networks.vnet_sdf import VNetSDF
 from utils.errors import UserError
 
+def _with_vnet_defaults(kw):
+    """The anchors' V-Net settings (16 filters, batchnorm, no dropout) under any given keyword arguments."""
+    return {"n_filters": 16, "normalization": "batchnorm", "has_dropout": False, **kw}
+
+
 _BUILDERS = {
-    "vnet": lambda in_chns, class_num, **kw: VNet(
-        n_channels=in_chns, n_classes=class_num,
-        n_filters=kw.pop("n_filters", 16),
-        normalization=kw.pop("normalization", "batchnorm"),
-        has_dropout=kw.pop("has_dropout", False), **kw),
+    "vnet": lambda in_chns, class_num, **kw: VNet(in_chns, class_num, **_with_vnet_defaults(kw)),
+    "vnet_sdf": lambda in_chns, class_num, **kw: VNetSDF(in_chns, class_num, **_with_vnet_defaults(kw)),
 }
 
 
@@ -24,7 +27,8 @@ def net_factory_3d(name, in_chns=1, class_num=2, **kwargs):
     """Return a freshly initialised network ``name`` on the CPU.
 
     ``vnet`` defaults to the anchors' settings: 16 filters, batchnorm, no dropout; keyword arguments
-    (``n_filters``, ``normalization``, ``has_dropout``) override them.
+    (``n_filters``, ``normalization``, ``has_dropout``) override them. ``vnet_sdf`` is the same V-Net with
+    a signed-distance head (``sdf_channels``, default 1) and returns ``(logits, sdf)``.
     """
     if name not in _BUILDERS:
         raise UserError(f"unknown network {name!r}; available: {', '.join(available_networks())}")

@@ -13,8 +13,14 @@ RUNTIME_FLAGS = ("resume", "overwrite", "device", "num_workers", "cache", "sw_ba
 
 
 def training_parser(description, *, exp, max_iterations, batch_size, base_lr, seed=1337,
-                    semi_supervised=True, labeled_bs=2, labelnum=8, model="vnet"):
-    """An :class:`ArgumentParser` with the shared flags and the method's defaults."""
+                    semi_supervised=True, labeled_bs=2, labelnum=8, model="vnet", consistency=0.1,
+                    consistency_rampup=40.0):
+    """An :class:`ArgumentParser` with the shared flags and the method's defaults.
+
+    Semi-supervised scripts also get ``--labeled_bs`` and the SSL4MIS consistency weight flags
+    (``--consistency``, the maximum weight; ``--consistency_rampup``, the sigmoid ramp-up length in
+    "epochs" of 150 iterations, see ``utils.ramps.consistency_weight``).
+    """
     parser = ArgumentParser(description=description)
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default="LA", help="dataset name (default: LA)")
@@ -52,6 +58,11 @@ def training_parser(description, *, exp, max_iterations, batch_size, base_lr, se
     if semi_supervised:
         optim.add_argument("--labeled_bs", type=int, default=labeled_bs,
                            help="labelled crops per batch; the rest of the batch is unlabelled")
+    if semi_supervised:
+        optim.add_argument("--consistency", type=float, default=consistency,
+                           help="maximum weight of the unsupervised loss (default: %(default)s)")
+        optim.add_argument("--consistency_rampup", type=float, default=consistency_rampup,
+                           help="sigmoid ramp-up length in epochs of 150 iterations (default: %(default)s)")
     optim.add_argument("--base_lr", type=float, default=base_lr)
     optim.add_argument("--lr_schedule", choices=SCHEDULES, default="step")
     optim.add_argument("--lr_step", type=int, default=2500, help="step schedule: iterations per decay")
@@ -67,6 +78,27 @@ def training_parser(description, *, exp, max_iterations, batch_size, base_lr, se
                             help="keep the largest connected component (default: 0)")
     evaluation.add_argument("--sw_batch_size", type=int, default=4, help="windows per forward pass")
     return parser
+
+
+def add_mean_teacher_args(parser, ema_decay=0.99):
+    """``--ema_decay`` of a mean-teacher script (``utils.ema.update_ema``)."""
+    group = parser.add_argument_group("mean teacher")
+    group.add_argument("--ema_decay", type=float, default=ema_decay,
+                       help="EMA decay of the teacher's weights (default: %(default)s)")
+    return group
+
+
+def add_uncertainty_args(parser, mc_samples=8, threshold_start=0.75, threshold_end=1.0):
+    """Flags of UA-MT's Monte-Carlo dropout uncertainty (``utils.uncertainty``)."""
+    group = parser.add_argument_group("uncertainty")
+    group.add_argument("--mc_samples", type=int, default=mc_samples,
+                       help="T, stochastic teacher passes per iteration (default: %(default)s)")
+    group.add_argument("--threshold_start", type=float, default=threshold_start,
+                       help="uncertainty threshold at iteration 0, as a fraction of ln 2 (default: %(default)s)")
+    group.add_argument("--threshold_end", type=float, default=threshold_end,
+                       help="threshold reached (sigmoid ramp) at the last iteration, fraction of ln 2 "
+                            "(default: %(default)s)")
+    return group
 
 
 def finalize_args(args, dataset_spec):
@@ -101,6 +133,16 @@ def check_args(args):
     if labeled_bs is not None and not 1 <= labeled_bs < args.batch_size:
         raise UserError(f"--labeled_bs {labeled_bs} must be at least 1 and smaller than --batch_size "
                         f"{args.batch_size}, so that each batch holds labelled and unlabelled crops")
+    for flag in ("consistency", "consistency_rampup", "threshold_start", "threshold_end"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 0:
+            raise UserError(f"--{flag} must be >= 0, got {value}")
+    ema_decay = getattr(args, "ema_decay", None)
+    if ema_decay is not None and not 0 <= ema_decay <= 1:
+        raise UserError(f"--ema_decay must lie in [0, 1], got {ema_decay}")
+    mc_samples = getattr(args, "mc_samples", None)
+    if mc_samples is not None and mc_samples < 1:
+        raise UserError(f"--mc_samples must be at least 1, got {mc_samples}")
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite exclude each other: continue the run, or start it afresh")
 

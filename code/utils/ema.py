@@ -1,7 +1,10 @@
-"""Mean-teacher plumbing: an EMA copy of a student network that never receives gradient."""
+"""Mean-teacher plumbing: an EMA copy of a student network that never receives gradient, and its noisy input."""
 import copy
 
 import torch
+
+TEACHER_NOISE_STD = 0.1
+TEACHER_NOISE_CLIP = 0.2
 
 
 def make_teacher(student):
@@ -21,3 +24,10 @@ def update_ema(teacher, student, decay, global_step):
     alpha = min(1.0 - 1.0 / (global_step + 1), decay)
     for t_param, s_param in zip(teacher.parameters(), student.parameters()):
         t_param.mul_(alpha).add_(s_param.detach(), alpha=1.0 - alpha)
+
+
+def teacher_input(x, std=TEACHER_NOISE_STD, clip=TEACHER_NOISE_CLIP):
+    """``x + clamp(N(0, std^2), -clip, clip)``: the perturbed input the teacher sees in UA-MT and its
+    descendants (mean teacher, UG-MCL). Drawn from torch's global generator, so it is seeded and resumed
+    with the run."""
+    return x + torch.clamp(torch.randn_like(x) * std, -clip, clip)

@@ -146,6 +146,13 @@ def cross_entropy(logits, target, mask=None, ignore_index=None):
     return torch.sum(voxel_ce * mask) / torch.clamp(torch.sum(mask), min=MASK_EPS)
 
 
+def ce_and_dice(logits, label):
+    """The two supervised terms of UA-MT and its descendants, ``(CE(logits, y), DiceLoss(softmax(logits)[:, 1],
+    y == 1))``, for two-class ``logits`` [B,2,...] and a binary label [B,...]; the Dice is :func:`dice_loss`
+    on the foreground probability."""
+    return F.cross_entropy(logits, label.long()), dice_loss(torch.softmax(logits, dim=1)[:, 1], label == 1)
+
+
 def softmax_mse_loss(input_logits, target_logits):
     """Unreduced ``(softmax(input) - softmax(target))^2`` map of shape [B,C,...] (UA-MT).
 
@@ -168,6 +175,18 @@ def softmax_kl_loss(input_logits, target_logits, reduction="none"):
     if reduction not in KL_REDUCTIONS:
         raise ValueError(f"softmax_kl_loss: reduction must be one of {KL_REDUCTIONS}, got {reduction!r}")
     return F.kl_div(F.log_softmax(input_logits, dim=1), F.softmax(target_logits, dim=1), reduction=reduction)
+
+
+def masked_mean(values, mask, eps=1e-16):
+    """Mean of ``values`` [B,C,...] over the voxels where ``mask`` [B,1,...] (or [B,C,...]) is set.
+
+    ``sum(mask * values) / (sum of the mask broadcast to values' shape + eps)``, i.e. UA-MT's
+    ``sum(mask * mse) / (2 * sum(mask) + 1e-16)`` for a 2-channel map and a 1-channel mask: the average
+    over channels and selected voxels. An empty mask gives 0 (and no gradient), not NaN.
+    """
+    mask = mask.to(values.dtype)
+    weights = mask.expand_as(values)
+    return torch.sum(weights * values) / (torch.sum(weights) + eps)
 
 
 def voxel_entropy(prob, dim=1, eps=1e-6, normalize=False):

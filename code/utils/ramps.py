@@ -74,11 +74,12 @@ def consistency_weight(iteration, consistency, rampup, iterations_per_epoch=150,
     return float(consistency) * ramp(iteration // iterations_per_epoch, rampup)
 
 
-def uncertainty_threshold(iteration, max_iterations):
-    """UA-MT's uncertainty threshold ``(0.75 + 0.25 * sigmoid_rampup(iteration, max)) * ln 2``.
+def uncertainty_threshold(iteration, max_iterations, start=0.75, end=1.0):
+    """UA-MT's uncertainty threshold ``(start + (end - start) * sigmoid_rampup(iteration, max)) * ln 2``.
 
     Voxels whose teacher entropy is below the threshold take part in the consistency loss. ln 2 is
-    the maximum entropy of a two-class prediction, so the threshold grows from about 0.75 of the
-    maximum to the maximum (every voxel kept) by the end of training.
+    the maximum entropy of a two-class prediction, so with the defaults (UA-MT, UG-MCL) the threshold
+    grows from about 0.75 of the maximum to the maximum (every voxel kept) by the end of training.
+    ``start`` and ``end`` are fractions of ln 2 (UG-MCL's Fig. 3 compares such schedules).
     """
-    return (0.75 + 0.25 * sigmoid_rampup(iteration, max_iterations)) * LN2
+    return (start + (end - start) * sigmoid_rampup(iteration, max_iterations)) * LN2
