@@ -20,17 +20,19 @@ cd "$(dirname "$0")"
 DATA_ROOT=${DATA_ROOT:-data/LA}
 LABELNUMS=${LABELNUMS:-"8 16"}
 SEEDS=${SEEDS:-1337}
-METHODS=${METHODS:-"supervised ugmcl"}
+METHODS=${METHODS:-"supervised mt uamt dtc cps ugmcl"}
 DEVICE=${DEVICE:-auto}
 EXTRA_ARGS=${EXTRA_ARGS:-}
 PYTHON=${PYTHON:-python}
 
-declare -A SCRIPT=([supervised]=train_supervised_3D.py [ugmcl]=train_ugmcl_3D.py)
-declare -A EXP=([supervised]=Supervised [ugmcl]=UGMCL)
-declare -A MODEL=([supervised]=vnet [ugmcl]=vnet_sdf)
-declare -A ITERATIONS=([supervised]=6000 [ugmcl]=6000)
+declare -A SCRIPT=([supervised]=train_supervised_3D.py [mt]=train_mt_3D.py [uamt]=train_uamt_3D.py
+                   [dtc]=train_dtc_3D.py [cps]=train_cps_3D.py [ugmcl]=train_ugmcl_3D.py)
+declare -A EXP=([supervised]=Supervised [mt]=MT [uamt]=UAMT [dtc]=DTC [cps]=CPS [ugmcl]=UGMCL)
+declare -A MODEL=([supervised]=vnet [mt]=vnet [uamt]=vnet [dtc]=vnet_sdf [cps]=vnet [ugmcl]=vnet_sdf)
+declare -A ITERATIONS=([supervised]=6000 [mt]=6000 [uamt]=6000 [dtc]=6000 [cps]=6000 [ugmcl]=6000)
 # flags a method needs in the quick start's batch of 2 (semi-supervised: 1 labelled + 1 unlabelled crop)
-declare -A QUICK_ARGS=([supervised]="" [ugmcl]="--labeled_bs 1")
+declare -A QUICK_ARGS=([supervised]="" [mt]="--labeled_bs 1" [uamt]="--labeled_bs 1" [dtc]="--labeled_bs 1"
+                       [cps]="--labeled_bs 1" [ugmcl]="--labeled_bs 1")
 COMMON=(--device "$DEVICE")
 QUICK=0
 DATASET_TAG=LA

@@ -32,7 +32,8 @@ from dataloaders.samplers import InfiniteBatches  # noqa: E402
 from dataloaders.training_data import build_training_data  # noqa: E402
 from networks.net_factory_3d import net_factory_3d  # noqa: E402
 from utils import losses  # noqa: E402
-from utils.args import add_mean_teacher_args, add_uncertainty_args, finalize_args, training_parser  # noqa: E402
+from utils.args import (add_mean_teacher_args, add_uncertainty_args, check_mc_dropout, finalize_args,  # noqa: E402
+                        training_parser)
 from utils.cli import run_cli  # noqa: E402
 from utils.ema import make_teacher, teacher_input, update_ema  # noqa: E402
 from utils.errors import UserError  # noqa: E402
@@ -84,9 +85,8 @@ def check_method_args(args):
     for flag in ("sdf_k", "seg_weight", "sdf_weight", "intra_weight", "cross_weight"):
         if getattr(args, flag) < 0:
             raise UserError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
-    if uses_teacher(args) and not args.has_dropout and args.mc_samples > 1:
-        raise UserError("--has_dropout 0 makes the teacher's MC-dropout passes identical up to input noise; "
-                        "keep dropout, or pass --mc_samples 1 to accept that")
+    if uses_teacher(args):
+        check_mc_dropout(args)
 
 
 def uses_teacher(args):

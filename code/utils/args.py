@@ -101,6 +101,13 @@ def add_uncertainty_args(parser, mc_samples=8, threshold_start=0.75, threshold_e
     return group
 
 
+def check_mc_dropout(args):
+    """MC-dropout uncertainty needs dropout: without it the teacher's passes differ only by input noise."""
+    if not args.has_dropout and args.mc_samples > 1:
+        raise UserError("--has_dropout 0 makes the teacher's MC-dropout passes identical up to input noise; "
+                        "keep dropout, or pass --mc_samples 1 to accept that")
+
+
 def finalize_args(args, dataset_spec):
     """Fill dataset defaults (root, patch, strides) and reject impossible settings."""
     if args.root_path is None:
