@@ -20,14 +20,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from dataloaders.registry import get_dataset_spec  # noqa: E402
-from dataloaders.samplers import InfiniteBatches  # noqa: E402
 from dataloaders.training_data import build_training_data  # noqa: E402
 from networks.initialization import kaiming_normal_init, xavier_normal_init  # noqa: E402
 from networks.net_factory_3d import net_factory_3d  # noqa: E402
 from utils import losses  # noqa: E402
 from utils.args import finalize_args, training_parser  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
-from utils.lr_schedule import lr_at, set_lr  # noqa: E402
 from utils.ramps import consistency_weight  # noqa: E402
 from utils.run import TrainingRun  # noqa: E402
 
@@ -85,21 +83,14 @@ def main(argv=None):
     run = TrainingRun(args, __file__)
     nets = build_networks(args)
     model1, model2 = nets["model1"].to(run.device).train(), nets["model2"].to(run.device).train()
-    optimizers = {name: torch.optim.SGD(net.parameters(), lr=args.base_lr, momentum=args.momentum,
-                                        weight_decay=args.weight_decay)
-                  for name, net in (("optimizer1", model1), ("optimizer2", model2))}
-    start = run.restore(nets, optimizers)
-    batches = run.data_loader(train_set, InfiniteBatches(sampler, args.seed, start))
-    run.logger.info(f"{args.labelnum} labelled + {len(train_set) - args.labelnum} unlabelled cases, "
-                    f"{len(sampler)} iterations per epoch, device {run.device}")
+    optimizers = {"optimizer1": run.sgd(model1.parameters()), "optimizer2": run.sgd(model2.parameters())}
+    start, batches = run.begin(nets, optimizers, train_set, sampler)
 
     for iteration in run.iterations(start):
-        batch = next(batches)
-        image = batch["image"].to(run.device, non_blocking=True)
-        label = batch["label"][:args.labeled_bs].to(run.device, non_blocking=True)
-        lr = lr_at(iteration, args.base_lr, args.lr_schedule, args.max_iterations, args.lr_step, args.lr_gamma)
-        for optimizer in optimizers.values():
-            set_lr(optimizer, lr)
+        batch = run.next_batch(batches)
+        image = batch["image"]
+        label = batch["label"][:args.labeled_bs]
+        lr = run.update_lr(iteration, optimizers.values())
         weight = consistency_weight(iteration, args.consistency, args.consistency_rampup)
 
         with run.autocast():

@@ -17,13 +17,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from dataloaders.registry import get_dataset_spec  # noqa: E402
-from dataloaders.samplers import InfiniteBatches  # noqa: E402
 from dataloaders.training_data import build_training_data  # noqa: E402
 from networks.net_factory_3d import net_factory_3d  # noqa: E402
 from utils import losses  # noqa: E402
 from utils.args import finalize_args, training_parser  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
-from utils.lr_schedule import lr_at, set_lr  # noqa: E402
 from utils.run import TrainingRun  # noqa: E402
 
 
@@ -63,18 +61,14 @@ def main(argv=None):
     run = TrainingRun(args, __file__)
     nets = build_networks(args)
     model = nets["model"].to(run.device).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.base_lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
-    start = run.restore(nets, {"optimizer": optimizer})
-    batches = run.data_loader(train_set, InfiniteBatches(sampler, args.seed, start))
-    run.logger.info(f"{len(train_set)} labelled cases, {len(sampler)} iterations per epoch, device {run.device}")
+    optimizer = run.sgd(model.parameters())
+    start, batches = run.begin(nets, {"optimizer": optimizer}, train_set, sampler)
 
     for iteration in run.iterations(start):
-        batch = next(batches)
-        image = batch["image"].to(run.device, non_blocking=True)
-        label = batch["label"].to(run.device, non_blocking=True)
-        lr = lr_at(iteration, args.base_lr, args.lr_schedule, args.max_iterations, args.lr_step, args.lr_gamma)
-        set_lr(optimizer, lr)
+        batch = run.next_batch(batches)
+        image = batch["image"]
+        label = batch["label"]
+        lr = run.update_lr(iteration, [optimizer])
 
         with run.autocast():
             logits = model(image)

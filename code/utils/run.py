@@ -23,12 +23,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dataloaders.samplers import seed_worker
+from dataloaders.samplers import InfiniteBatches, seed_worker
 from utils.args import RUNTIME_FLAGS
 from utils.checkpoint import load_checkpoint, load_models, save_checkpoint
 from utils.cli import REPO_ROOT
 from utils.errors import UserError
 from utils.evaluation import evaluate, format_summary, new_eval_dir, prepare_for_inference
+from utils.lr_schedule import lr_at, set_lr
 from utils.runtime import autocast, capture_rng_state, restore_rng_state, seed_everything, select_device
 
 LOG_FORMAT = "[%(asctime)s.%(msecs)03d] %(message)s"
@@ -197,6 +198,37 @@ class TrainingRun:
                 "rng": capture_rng_state()})
 
     # -- loop helpers -----------------------------------------------------------------------------------
+    def sgd(self, parameters):
+        """SGD over ``parameters`` with ``--base_lr --momentum --weight_decay`` (every anchor's optimiser)."""
+        return torch.optim.SGD(parameters, lr=self.args.base_lr, momentum=self.args.momentum,
+                               weight_decay=self.args.weight_decay)
+
+    def begin(self, models, optimizers, train_set, sampler):
+        """Restore a resumed run (:meth:`restore`), open the endless batch stream at the iteration reached
+        and log what the run trains on; return ``(start_iteration, batches)``."""
+        start = self.restore(models, optimizers)
+        batches = self.data_loader(train_set, InfiniteBatches(sampler, self.args.seed, start))
+        if getattr(self.args, "labeled_bs", None) is None:
+            cases = f"{len(train_set)} labelled cases"
+        else:
+            cases = f"{self.args.labelnum} labelled + {len(train_set) - self.args.labelnum} unlabelled cases"
+        self.logger.info(f"{cases}, {len(sampler)} iterations per epoch, device {self.device}")
+        return start, batches
+
+    def next_batch(self, batches):
+        """The next batch with every tensor on the run's device."""
+        return {key: value.to(self.device, non_blocking=True) if torch.is_tensor(value) else value
+                for key, value in next(batches).items()}
+
+    def update_lr(self, iteration, optimizers):
+        """Set the learning rate of (0-based) ``iteration`` (``--lr_schedule`` and its flags) on every
+        optimiser; return it."""
+        args = self.args
+        lr = lr_at(iteration, args.base_lr, args.lr_schedule, args.max_iterations, args.lr_step, args.lr_gamma)
+        for optimizer in optimizers:
+            set_lr(optimizer, lr)
+        return lr
+
     def data_loader(self, dataset, batches):
         """An iterator over batches: ``batches`` is a ``dataloaders.samplers.InfiniteBatches``."""
         generator = torch.Generator().manual_seed(self.args.seed)
