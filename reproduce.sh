@@ -9,7 +9,7 @@
 # METHODS (default: every method below), DEVICE (auto|cpu|cuda, default auto), EXTRA_ARGS (added to
 # every training command). Finished runs are skipped, interrupted ones resumed (--resume), and a failed
 # run is reported while the others go on; the script exits non-zero at the end if any failed.
-# QUICK_LABELNUMS (default "4 8") and QUICK_ITERATIONS (default 200) set the synthetic quick start.
+# QUICK_LABELNUMS (default "4") and QUICK_ITERATIONS (default 20) set the synthetic quick start.
 #
 # When no dataset is found at DATA_ROOT, it says so, writes the synthetic dataset to data/synthetic_LA
 # and runs a short quick-start configuration end to end (a few minutes on a laptop CPU). Its numbers
@@ -44,9 +44,9 @@ if [ ! -f "$DATA_ROOT/train.list" ]; then
         "$PYTHON" code/dataloaders/synthetic.py --out "$DATA_ROOT" --num_cases 20 --num_test 4 \
             --shape 96 96 48 --seed 0 || exit 1
     fi
-    LABELNUMS=${QUICK_LABELNUMS:-"4 8"}
+    LABELNUMS=${QUICK_LABELNUMS:-"4"}
     DATASET_TAG=quickstart_synthetic
-    for method in "${!ITERATIONS[@]}"; do ITERATIONS[$method]=${QUICK_ITERATIONS:-200}; done
+    for method in "${!ITERATIONS[@]}"; do ITERATIONS[$method]=${QUICK_ITERATIONS:-20}; done
     COMMON+=(--patch_size 64 64 32 --batch_size 2 --stride_xy 16 --stride_z 8)
     QUICK=1
 fi
