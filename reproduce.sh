@@ -20,19 +20,24 @@ cd "$(dirname "$0")"
 DATA_ROOT=${DATA_ROOT:-data/LA}
 LABELNUMS=${LABELNUMS:-"8 16"}
 SEEDS=${SEEDS:-1337}
-METHODS=${METHODS:-"supervised mt uamt dtc cps ugmcl"}
+METHODS=${METHODS:-"supervised mt uamt dtc cps ugmcl ucseg ugpl"}
 DEVICE=${DEVICE:-auto}
 EXTRA_ARGS=${EXTRA_ARGS:-}
 PYTHON=${PYTHON:-python}
 
 declare -A SCRIPT=([supervised]=train_supervised_3D.py [mt]=train_mt_3D.py [uamt]=train_uamt_3D.py
-                   [dtc]=train_dtc_3D.py [cps]=train_cps_3D.py [ugmcl]=train_ugmcl_3D.py)
-declare -A EXP=([supervised]=Supervised [mt]=MT [uamt]=UAMT [dtc]=DTC [cps]=CPS [ugmcl]=UGMCL)
-declare -A MODEL=([supervised]=vnet [mt]=vnet [uamt]=vnet [dtc]=vnet_sdf [cps]=vnet [ugmcl]=vnet_sdf)
-declare -A ITERATIONS=([supervised]=6000 [mt]=6000 [uamt]=6000 [dtc]=6000 [cps]=6000 [ugmcl]=6000)
+                   [dtc]=train_dtc_3D.py [cps]=train_cps_3D.py [ugmcl]=train_ugmcl_3D.py
+                   [ucseg]=train_ucseg_3D.py [ugpl]=train_ugpl_3D.py)
+declare -A EXP=([supervised]=Supervised [mt]=MT [uamt]=UAMT [dtc]=DTC [cps]=CPS [ugmcl]=UGMCL [ucseg]=UCSeg
+                [ugpl]=UGPL)
+declare -A MODEL=([supervised]=vnet [mt]=vnet [uamt]=vnet [dtc]=vnet_sdf [cps]=vnet [ugmcl]=vnet_sdf
+                  [ucseg]=unet_3D_vnet [ugpl]=resnet_vnet)
+declare -A ITERATIONS=([supervised]=6000 [mt]=6000 [uamt]=6000 [dtc]=6000 [cps]=6000 [ugmcl]=6000
+                       [ucseg]=50000 [ugpl]=6000)
 # flags a method needs in the quick start's batch of 2 (semi-supervised: 1 labelled + 1 unlabelled crop)
 declare -A QUICK_ARGS=([supervised]="" [mt]="--labeled_bs 1" [uamt]="--labeled_bs 1" [dtc]="--labeled_bs 1"
-                       [cps]="--labeled_bs 1" [ugmcl]="--labeled_bs 1")
+                       [cps]="--labeled_bs 1" [ugmcl]="--labeled_bs 1" [ucseg]="--labeled_bs 1"
+                       [ugpl]="--labeled_bs 1")
 COMMON=(--device "$DEVICE")
 QUICK=0
 DATASET_TAG=LA

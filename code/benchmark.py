@@ -54,8 +54,10 @@ MIN_SPEEDUP = 1.3
 MAX_OVERHEAD = 0.05
 MAX_RSS_GIB = 6.0
 GIB = 1024 ** 3
-# method name -> (training script, peak-memory limit in GiB at the paper's patch on the CPU)
-METHODS = {"ugmcl": ("train_ugmcl_3D.py", 8.0)}
+# method name -> (training script, peak-memory limit in GiB on the CPU where an issue sets one)
+METHODS = {"mt": ("train_mt_3D.py", None), "uamt": ("train_uamt_3D.py", None), "dtc": ("train_dtc_3D.py", None),
+           "cps": ("train_cps_3D.py", None), "ugmcl": ("train_ugmcl_3D.py", 8.0),
+           "ucseg": ("train_ucseg_3D.py", 10.0), "ugpl": ("train_ugpl_3D.py", 10.0)}
 LOG_LINE = re.compile(r"^\[(\d\d):(\d\d):(\d\d)\.(\d{3})\] iteration (\d+) :")
 
 
@@ -347,8 +349,10 @@ def run_ours(args, workdir, script="train_supervised_3D.py"):
     run_dir = next(workdir.glob("**/log.txt")).parent
     times = log_times(run_dir / "log.txt")
     checkpoint_seconds = seconds_of_day(run_dir / "latest.pth") - times[max(times)]
+    config = json.loads((run_dir / "config.json").read_text())["args"]
     return {"iteration_seconds": iteration_seconds(times, args.warmup), "peak_rss_bytes": rss,
-            "final_checkpoint_seconds": checkpoint_seconds % 86400}
+            "final_checkpoint_seconds": checkpoint_seconds % 86400,
+            "patch": config["patch_size"], "batch_size": config["batch_size"]}
 
 
 # -- training: the bare loop (a spawned process, for its own peak RSS) ----------------------------------------
@@ -421,8 +425,8 @@ def bench_training(args):
 # -- methods: each method script against the supervised script ----------------------------------------------
 def bench_methods(args):
     """``--rounds`` x (the supervised script, then each method script), each ``--iterations`` long with its
-    own defaults (batch 4, 112x112x80); per method the cost is the median over rounds of the round's
-    method/supervised ratio of median iteration times."""
+    own defaults (batch and patch of its paper); per method the cost is the median over rounds of the
+    round's method/supervised ratio of median iteration times."""
     names = ["supervised", *args.methods]
     scripts = {"supervised": "train_supervised_3D.py", **{m: METHODS[m][0] for m in args.methods}}
     runs = {name: [] for name in names}
@@ -435,9 +439,10 @@ def bench_methods(args):
                 workdir.mkdir()
                 runs[name].append(run_ours(args, workdir, scripts[name]))
     rounds = {name: [run["iteration_seconds"] for run in results] for name, results in runs.items()}
-    result = {"batch_size": TRAIN_BATCH, "patch": list(PATCH), "iterations_per_run": args.iterations,
-              "warmup": args.warmup, "rounds": args.rounds, "script_args": args.script_args,
-              "loadavg_per_round": loads, "seconds_per_round": rounds,
+    result = {"iterations_per_run": args.iterations, "warmup": args.warmup, "rounds": args.rounds,
+              "script_args": args.script_args, "loadavg_per_round": loads, "seconds_per_round": rounds,
+              "setting": {name: {"patch": results[0]["patch"], "batch_size": results[0]["batch_size"]}
+                          for name, results in runs.items()},
               "median_seconds": {name: statistics.median(s for run in per_round for s in run)
                                  for name, per_round in rounds.items()},
               "peak_rss_bytes": {name: max(run["peak_rss_bytes"] for run in results)
@@ -497,16 +502,22 @@ def training_rows(result):
 def methods_rows(result):
     medians = result["median_seconds"]
     rss = result["peak_rss_bytes"]
-    rows = [("setting", f"batch {result['batch_size']} x {'x'.join(map(str, result['patch']))}, each script's "
-                        f"defaults, {result['rounds']} rounds x {result['iterations_per_run']} iterations, "
-                        f"first {result['warmup']} untimed", ""),
-            ("supervised", f"{medians['supervised']:.2f} s/iteration, peak RSS {rss['supervised'] / GIB:.2f} GiB "
-                           f"(by round: {_rounds(result['seconds_per_round']['supervised'])})", "")]
+
+    def setting(name):
+        info = result["setting"][name]
+        return f"batch {info['batch_size']} x {'x'.join(map(str, info['patch']))}"
+
+    rows = [("setting", f"each script's defaults, {result['rounds']} rounds x {result['iterations_per_run']} "
+                        f"iterations, first {result['warmup']} untimed", ""),
+            ("supervised", f"{setting('supervised')}: {medians['supervised']:.2f} s/iteration, peak RSS "
+                           f"{rss['supervised'] / GIB:.2f} GiB (by round: "
+                           f"{_rounds(result['seconds_per_round']['supervised'])})", "")]
     for method, ratio in result["ratio"].items():
         limit = METHODS[method][1]
-        rows.append((method, f"{medians[method]:.2f} s/iteration = {ratio:.2f}x supervised (rounds: "
-                             f"{_runs(result['round_ratios'][method])}), peak RSS {rss[method] / GIB:.2f} GiB",
-                     f"{verdict(rss[method] <= limit * GIB)} (<= {limit:.0f} GiB)"))
+        check = "" if limit is None else f"{verdict(rss[method] <= limit * GIB)} (<= {limit:.0f} GiB)"
+        rows.append((method, f"{setting(method)}: {medians[method]:.2f} s/iteration = {ratio:.2f}x supervised "
+                             f"(rounds: {_runs(result['round_ratios'][method])}), peak RSS "
+                             f"{rss[method] / GIB:.2f} GiB", check))
     return rows
 
 

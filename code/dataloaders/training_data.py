@@ -1,11 +1,11 @@
 """The training and test data of a script, as every LA-lineage paper sets them up.
 
-Training crops get random rotation/flip and a random crop (UA-MT, DTC, SSL4MIS). A supervised run sees the
-first ``--labelnum`` cases of ``train.list`` in shuffled batches; a semi-supervised run sees the whole list,
-and each batch holds ``--labeled_bs`` labelled crops first, then unlabelled ones
-(:class:`dataloaders.samplers.TwoStreamBatchSampler`), so ``batch[:labeled_bs]`` is the labelled part.
-The labels of the unlabelled cases are loaded with them (the dataset validates every case) but a method
-must only read ``label[:labeled_bs]``.
+Training crops get random rotation/flip and a random crop (UA-MT, DTC, SSL4MIS; ``rot_flip=False`` keeps
+only the crop, as MCF's lineage). A supervised run sees the first ``--labelnum`` cases of ``train.list`` in
+shuffled batches; a semi-supervised run sees the whole list, and each batch holds ``--labeled_bs`` labelled
+crops first, then unlabelled ones (:class:`dataloaders.samplers.TwoStreamBatchSampler`), so
+``batch[:labeled_bs]`` is the labelled part. The labels of the unlabelled cases are loaded with them (the
+dataset validates every case) but a method must only read ``label[:labeled_bs]``.
 """
 from collections import namedtuple
 
@@ -16,7 +16,7 @@ from utils.args import check_labelnum
 TrainingData = namedtuple("TrainingData", ["train_set", "test_set", "sampler"])
 
 
-def build_training_data(args, spec, semi_supervised=True, signed_distance=False):
+def build_training_data(args, spec, semi_supervised=True, signed_distance=False, rot_flip=True):
     """``TrainingData(train_set, test_set, sampler)`` for ``args`` on the dataset described by ``spec``.
 
     With ``signed_distance`` each training sample also carries ``'sdf'``, the normalised signed distance
@@ -25,7 +25,7 @@ def build_training_data(args, spec, semi_supervised=True, signed_distance=False)
     """
     num_train = len(spec.dataset_class.list_ids(args.root_path, "train"))
     check_labelnum(args, num_train, semi_supervised)
-    transforms = [RandomRotFlip(), RandomCrop(args.patch_size)]
+    transforms = ([RandomRotFlip()] if rot_flip else []) + [RandomCrop(args.patch_size)]
     transforms += [SignedDistance()] if signed_distance else []
     transform = Compose(transforms + [ToTensor()])
     train_set = spec.dataset_class(args.root_path, "train", num=None if semi_supervised else args.labelnum,
