@@ -20,7 +20,7 @@ decoder. Weights keep PyTorch's default initialisation; UGPL's script re-draws t
 """
 import torch.nn as nn
 
-from networks.vnet import ConvBlock, UpsamplingDeconvBlock, VNet
+from networks.vnet import VNet, add_vnet_decoder
 
 STAGE_BLOCKS = (3, 4, 6, 3)
 DOWNSAMPLING = 16
@@ -70,22 +70,12 @@ class ResNetVNet(nn.Module):
         super().__init__()
         self.has_dropout = has_dropout
         n = n_filters
-        kw = {"normalization": normalization}
         self.stem = nn.Sequential(nn.Conv3d(n_channels, n, 7, padding=3, bias=False), nn.BatchNorm3d(n),
                                   nn.ReLU(inplace=True))
         widths = [n, 2 * n, 4 * n, 8 * n, 16 * n]
         self.layer1, self.layer2, self.layer3, self.layer4 = (
             _stage(widths[i], widths[i + 1], blocks) for i, blocks in enumerate(STAGE_BLOCKS))
-        self.block_five_up = UpsamplingDeconvBlock(16 * n, 8 * n, **kw)
-        self.block_six = ConvBlock(3, 8 * n, 8 * n, **kw)
-        self.block_six_up = UpsamplingDeconvBlock(8 * n, 4 * n, **kw)
-        self.block_seven = ConvBlock(3, 4 * n, 4 * n, **kw)
-        self.block_seven_up = UpsamplingDeconvBlock(4 * n, 2 * n, **kw)
-        self.block_eight = ConvBlock(2, 2 * n, 2 * n, **kw)
-        self.block_eight_up = UpsamplingDeconvBlock(2 * n, n, **kw)
-        self.block_nine = ConvBlock(1, n, n, **kw)
-        self.out_conv = nn.Conv3d(n, n_classes, 1, padding=0)
-        self.dropout = nn.Dropout3d(p=0.5, inplace=False)
+        add_vnet_decoder(self, n, n_classes, normalization)
 
     def encoder(self, x):
         """Return the five levels ``[x1, ..., x5]`` (full to 1/16 resolution, n to 16n channels)."""

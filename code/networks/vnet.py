@@ -78,6 +78,23 @@ class UpsamplingDeconvBlock(nn.Module):
         return self.conv(x)
 
 
+def add_vnet_decoder(module, n_filters, n_classes, normalization):
+    """Give ``module`` the V-Net decoder's layers under the anchors' names (``block_five_up`` ..
+    ``block_nine``, ``out_conv``, ``dropout``), for :meth:`VNet.decoder` to run; also used by networks that
+    put another encoder under the same decoder."""
+    n, kw = n_filters, {"normalization": normalization}
+    module.block_five_up = UpsamplingDeconvBlock(16 * n, 8 * n, **kw)
+    module.block_six = ConvBlock(3, 8 * n, 8 * n, **kw)
+    module.block_six_up = UpsamplingDeconvBlock(8 * n, 4 * n, **kw)
+    module.block_seven = ConvBlock(3, 4 * n, 4 * n, **kw)
+    module.block_seven_up = UpsamplingDeconvBlock(4 * n, 2 * n, **kw)
+    module.block_eight = ConvBlock(2, 2 * n, 2 * n, **kw)
+    module.block_eight_up = UpsamplingDeconvBlock(2 * n, n, **kw)
+    module.block_nine = ConvBlock(1, n, n, **kw)
+    module.out_conv = nn.Conv3d(n, n_classes, 1, padding=0)
+    module.dropout = nn.Dropout3d(p=0.5, inplace=False)
+
+
 class VNet(nn.Module):
     """V-Net for 3D segmentation; input ``[B, n_channels, X, Y, Z]`` with X, Y, Z divisible by 16."""
 
@@ -96,16 +113,7 @@ class VNet(nn.Module):
         self.block_four = ConvBlock(3, 8 * n, 8 * n, **kw)
         self.block_four_dw = DownsamplingConvBlock(8 * n, 16 * n, **kw)
         self.block_five = ConvBlock(3, 16 * n, 16 * n, **kw)
-        self.block_five_up = UpsamplingDeconvBlock(16 * n, 8 * n, **kw)
-        self.block_six = ConvBlock(3, 8 * n, 8 * n, **kw)
-        self.block_six_up = UpsamplingDeconvBlock(8 * n, 4 * n, **kw)
-        self.block_seven = ConvBlock(3, 4 * n, 4 * n, **kw)
-        self.block_seven_up = UpsamplingDeconvBlock(4 * n, 2 * n, **kw)
-        self.block_eight = ConvBlock(2, 2 * n, 2 * n, **kw)
-        self.block_eight_up = UpsamplingDeconvBlock(2 * n, n, **kw)
-        self.block_nine = ConvBlock(1, n, n, **kw)
-        self.out_conv = nn.Conv3d(n, n_classes, 1, padding=0)
-        self.dropout = nn.Dropout3d(p=0.5, inplace=False)
+        add_vnet_decoder(self, n, n_classes, normalization)
 
     def encoder(self, x):
         """Return the five encoder levels ``[x1, ..., x5]`` (full to 1/16 resolution).
