@@ -125,3 +125,17 @@ def test_rng_state_survives_a_checkpoint(tmp_path):
     assert torch.equal(torch.rand(3), expected[0])
     assert np.array_equal(np.random.rand(3), expected[1])
     assert random.random() == expected[2]
+
+
+def test_failed_evaluation_leaves_no_empty_folder(synthetic_root, tmp_path):
+    from dataloaders.la_heart import LAHeart
+    from utils.evaluation import evaluate
+
+    def refuse(x):
+        raise UserError("window refused")
+
+    out_dir = tmp_path / "eval_iter_1"
+    with pytest.raises(UserError, match="window refused"):
+        evaluate(refuse, LAHeart(synthetic_root, "test"), out_dir, patch_size=(32, 32, 16), stride_xy=16,
+                 stride_z=8, num_classes=2, device=CPU, progress=False)
+    assert not out_dir.exists()

@@ -80,10 +80,23 @@ def evaluate(predict, dataset, out_dir, *, patch_size, stride_xy, stride_z, num_
              sw_batch_size=4, nms=False, spacing=None, save_nii=False, protocol_extra=None, progress=True):
     """Evaluate ``predict`` on every case of ``dataset`` and write the result files into ``out_dir``.
 
-    ``out_dir`` must not exist (see :func:`new_eval_dir`). Returns the summary dict.
+    ``out_dir`` must not exist (see :func:`new_eval_dir`); if the evaluation fails before writing anything
+    (a window the networks refuse, an interrupt) the empty folder is removed again. Returns the summary dict.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=False)
+    try:
+        return _evaluate_into(predict, dataset, out_dir, patch_size, stride_xy, stride_z, num_classes, device,
+                              sw_batch_size, nms, spacing, save_nii, protocol_extra, progress)
+    except BaseException:
+        if not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
+
+
+def _evaluate_into(predict, dataset, out_dir, patch_size, stride_xy, stride_z, num_classes, device,
+                   sw_batch_size, nms, spacing, save_nii, protocol_extra, progress):
+    """The body of :func:`evaluate`."""
     rows, started = [], time.time()
     for index in tqdm(range(len(dataset)), desc="evaluate", ncols=80, disable=not progress, leave=False):
         sample = dataset.load(index)
