@@ -22,9 +22,8 @@ from dataloaders.registry import get_dataset_spec  # noqa: E402
 from dataloaders.training_data import build_training_data  # noqa: E402
 from networks.net_factory_3d import net_factory_3d  # noqa: E402
 from utils import losses  # noqa: E402
-from utils.args import finalize_args, training_parser  # noqa: E402
+from utils.args import check_non_negative, finalize_args, training_parser  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
-from utils.errors import UserError  # noqa: E402
 from utils.ramps import consistency_weight  # noqa: E402
 from utils.run import TrainingRun  # noqa: E402
 
@@ -79,9 +78,7 @@ def main(argv=None):
     spec = get_dataset_spec(args.dataset)
     args.exp = args.exp or f"{args.dataset}/DTC"
     finalize_args(args, spec)
-    for flag in ("beta", "sdf_k", "ce_weight"):
-        if getattr(args, flag) < 0:
-            raise UserError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    check_non_negative(args, "beta", "sdf_k", "ce_weight")
     train_set, test_set, sampler = build_training_data(args, spec, signed_distance=True)
 
     run = TrainingRun(args, __file__)

@@ -39,7 +39,7 @@ from dataloaders.training_data import build_training_data  # noqa: E402
 from networks.memory_queue import ClassMemoryQueue  # noqa: E402
 from networks.net_factory_3d import net_factory_3d  # noqa: E402
 from networks.ucseg_fusion import UncertaintyGuidedFusion  # noqa: E402
-from utils.args import finalize_args, training_parser  # noqa: E402
+from utils.args import check_non_negative, finalize_args, training_parser  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
 from utils.contrastive import masked_global_pool, prototype_queue_contrast, regional_info_nce  # noqa: E402
 from utils.errors import UserError  # noqa: E402
@@ -140,9 +140,7 @@ def check_method_args(args):
     for flag in ("unet_dropout", "upg_dropout"):
         if not 0 <= getattr(args, flag) < 1:
             raise UserError(f"--{flag} must lie in [0, 1), got {getattr(args, flag)}")
-    for flag in ("consistency_scale", "ife_weight", "ic_weight", "diff_weight", "gate_slope"):
-        if getattr(args, flag) < 0:
-            raise UserError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    check_non_negative(args, "consistency_scale", "ife_weight", "ic_weight", "diff_weight", "gate_slope")
     if args.temperature <= 0:
         raise UserError(f"--temperature must be positive, got {args.temperature}")
     if args.regions < 2:

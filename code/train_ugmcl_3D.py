@@ -31,8 +31,8 @@ from dataloaders.registry import get_dataset_spec  # noqa: E402
 from dataloaders.training_data import build_training_data  # noqa: E402
 from networks.net_factory_3d import net_factory_3d  # noqa: E402
 from utils import losses  # noqa: E402
-from utils.args import (add_mean_teacher_args, add_uncertainty_args, check_mc_dropout, finalize_args,  # noqa: E402
-                        training_parser)
+from utils.args import (add_mean_teacher_args, add_uncertainty_args, check_mc_dropout,  # noqa: E402
+                        check_non_negative, finalize_args, training_parser)
 from utils.cli import run_cli  # noqa: E402
 from utils.ema import make_teacher, teacher_input, update_ema  # noqa: E402
 from utils.errors import UserError  # noqa: E402
@@ -80,9 +80,7 @@ def check_method_args(args):
     """One-line errors for UG-MCL settings that cannot work."""
     if not 0 <= args.beta <= 1:
         raise UserError(f"--beta must lie in [0, 1], got {args.beta}")
-    for flag in ("sdf_k", "seg_weight", "sdf_weight", "intra_weight", "cross_weight"):
-        if getattr(args, flag) < 0:
-            raise UserError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    check_non_negative(args, "sdf_k", "seg_weight", "sdf_weight", "intra_weight", "cross_weight")
     if uses_teacher(args):
         check_mc_dropout(args)
 

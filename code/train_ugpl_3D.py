@@ -39,7 +39,7 @@ from dataloaders.training_data import build_training_data  # noqa: E402
 from networks.initialization import kaiming_normal_init  # noqa: E402
 from networks.net_factory_3d import net_factory_3d  # noqa: E402
 from utils import losses  # noqa: E402
-from utils.args import finalize_args, training_parser  # noqa: E402
+from utils.args import check_non_negative, finalize_args, training_parser  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.ramps import consistency_weight  # noqa: E402
@@ -101,9 +101,7 @@ def check_method_args(args, spec):
         raise UserError(f"--entropy_percentile must lie in (0, 100], got {args.entropy_percentile}")
     if not 0 <= args.cr_threshold <= 1:
         raise UserError(f"--cr_threshold must lie in [0, 1], got {args.cr_threshold}")
-    for flag in ("cr_weight", "pseudo_weight", "kl_weight", "cos_weight"):
-        if getattr(args, flag) < 0:
-            raise UserError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    check_non_negative(args, "cr_weight", "pseudo_weight", "kl_weight", "cos_weight")
     if args.candidate_ratio < 1:
         raise UserError(f"--candidate_ratio must be at least 1, got {args.candidate_ratio}")
 

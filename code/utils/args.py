@@ -140,10 +140,8 @@ def check_args(args):
     if labeled_bs is not None and not 1 <= labeled_bs < args.batch_size:
         raise UserError(f"--labeled_bs {labeled_bs} must be at least 1 and smaller than --batch_size "
                         f"{args.batch_size}, so that each batch holds labelled and unlabelled crops")
-    for flag in ("consistency", "consistency_rampup", "threshold_start", "threshold_end"):
-        value = getattr(args, flag, None)
-        if value is not None and value < 0:
-            raise UserError(f"--{flag} must be >= 0, got {value}")
+    check_non_negative(args, *(flag for flag in ("consistency", "consistency_rampup", "threshold_start",
+                                                  "threshold_end") if hasattr(args, flag)))
     ema_decay = getattr(args, "ema_decay", None)
     if ema_decay is not None and not 0 <= ema_decay <= 1:
         raise UserError(f"--ema_decay must lie in [0, 1], got {ema_decay}")
@@ -152,6 +150,13 @@ def check_args(args):
         raise UserError(f"--mc_samples must be at least 1, got {mc_samples}")
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite exclude each other: continue the run, or start it afresh")
+
+
+def check_non_negative(args, *flags):
+    """One-line error for the first of ``flags`` (names of ``args`` attributes) that is negative."""
+    for flag in flags:
+        if getattr(args, flag) < 0:
+            raise UserError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
 
 
 def check_labelnum(args, num_train, semi_supervised=True):
