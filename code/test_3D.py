@@ -32,11 +32,14 @@ def get_parser():
     parser.add_argument("--checkpoint", default=None,
                         help="file in the run directory or a path (default: the final iter_<max_iterations>.pth)")
     parser.add_argument("--root_path", default=None, help="data root (default: the run's)")
-    parser.add_argument("--split", default="test", help="split list to evaluate (default: test)")
+    parser.add_argument("--split", default="test",
+                        help="split to evaluate: test, train, or val for BraTS2019 (default: test)")
     parser.add_argument("--cases", nargs="+", default=None, help="evaluate only these case ids")
     parser.add_argument("--patch_size", type=int, nargs=3, default=None, help="default: the run's training patch")
-    parser.add_argument("--stride_xy", type=int, default=None, help="default: the run's (LA: 18)")
-    parser.add_argument("--stride_z", type=int, default=None, help="default: the run's (LA: 4)")
+    parser.add_argument("--stride_xy", type=int, default=None,
+                        help="default: the run's (the dataset's unless given: LA 18, Pancreas 16, BraTS2019 64)")
+    parser.add_argument("--stride_z", type=int, default=None,
+                        help="default: the run's (the dataset's unless given: LA 4, Pancreas 16, BraTS2019 64)")
     parser.add_argument("--nms", type=int, choices=(0, 1), default=None,
                         help="keep the largest connected component (default: the run's setting)")
     parser.add_argument("--sw_batch_size", type=int, default=4, help="windows per forward pass (default: 4)")

@@ -84,14 +84,15 @@ def main(argv=None):
     nets = build_networks(args)
     model1, model2 = nets["model1"].to(run.device).train(), nets["model2"].to(run.device).train()
     optimizers = {"optimizer1": run.sgd(model1.parameters()), "optimizer2": run.sgd(model2.parameters())}
-    start, batches = run.begin(nets, optimizers, train_set, sampler)
+    start, batches = run.begin(nets, optimizers, train_set, sampler, predict=predict)
 
     for iteration in run.iterations(start):
         batch = run.next_batch(batches)
         image = batch["image"]
         label = batch["label"][:args.labeled_bs]
         lr = run.update_lr(iteration, optimizers.values())
-        weight = consistency_weight(iteration, args.consistency, args.consistency_rampup)
+        weight = consistency_weight(iteration, args.consistency, args.consistency_rampup,
+                                    args.iterations_per_epoch)
 
         with run.autocast():
             logits1, logits2 = model1(image), model2(image)

@@ -85,7 +85,7 @@ def main(argv=None):
     nets = build_networks(args)
     model = nets["model"].to(run.device).train()
     optimizer = run.sgd(model.parameters())
-    start, batches = run.begin(nets, {"optimizer": optimizer}, train_set, sampler)
+    start, batches = run.begin(nets, {"optimizer": optimizer}, train_set, sampler, predict=predict)
 
     for iteration in run.iterations(start):
         batch = run.next_batch(batches)
@@ -93,7 +93,8 @@ def main(argv=None):
         label = batch["label"][:args.labeled_bs]
         sdf_target = batch["sdf"][:args.labeled_bs]
         lr = run.update_lr(iteration, [optimizer])
-        weight = consistency_weight(iteration, args.consistency, args.consistency_rampup)
+        weight = consistency_weight(iteration, args.consistency, args.consistency_rampup,
+                                    args.iterations_per_epoch)
 
         with run.autocast():
             logits, sdf = model(image)

@@ -71,14 +71,15 @@ def main(argv=None):
     model = nets["model"].to(run.device).train()
     teacher = nets["ema_model"].to(run.device).train()  # train mode, as in the anchors (dropout on)
     optimizer = run.sgd(model.parameters())
-    start, batches = run.begin(nets, {"optimizer": optimizer}, train_set, sampler)
+    start, batches = run.begin(nets, {"optimizer": optimizer}, train_set, sampler, predict=predict)
 
     for iteration in run.iterations(start):
         batch = run.next_batch(batches)
         image = batch["image"]
         label = batch["label"][:args.labeled_bs]
         lr = run.update_lr(iteration, [optimizer])
-        weight = consistency_weight(iteration, args.consistency, args.consistency_rampup)
+        weight = consistency_weight(iteration, args.consistency, args.consistency_rampup,
+                                    args.iterations_per_epoch)
 
         with run.autocast():
             with torch.no_grad():

@@ -62,7 +62,7 @@ def main(argv=None):
     nets = build_networks(args)
     model = nets["model"].to(run.device).train()
     optimizer = run.sgd(model.parameters())
-    start, batches = run.begin(nets, {"optimizer": optimizer}, train_set, sampler)
+    start, batches = run.begin(nets, {"optimizer": optimizer}, train_set, sampler, predict=predict)
 
     for iteration in run.iterations(start):
         batch = run.next_batch(batches)

@@ -46,6 +46,7 @@ from utils.errors import UserError  # noqa: E402
 from utils.evidential import accuracy_uncertainty_loss, au_annealing  # noqa: E402
 from utils.metrics import largest_connected_component  # noqa: E402
 from utils.mixing import box_size, copy_paste, copy_paste_mask  # noqa: E402
+from utils import recompute  # noqa: E402
 from utils.ramps import consistency_weight  # noqa: E402
 from utils.run import TrainingRun  # noqa: E402
 
@@ -116,6 +117,7 @@ def get_parser():
                         help="first iteration of the copy-paste branch (default: 6000; >= max_iterations: never)")
     method.add_argument("--mix_fraction", type=float, default=2.0 / 3.0,
                         help="box edge as a fraction of the patch: int(96 x 2/3) = 64 (default: 2/3)")
+    recompute.add_recompute_args(parser)
     return parser
 
 
@@ -200,10 +202,11 @@ def predict(nets, x):
     return two_class_probabilities(nets["upg"](nets["net1"](x), nets["net2"](x)))
 
 
-def forward(nets, image, levels):
-    """Both subnets, the fused head, and the encoder features of ``levels``, as float32 :data:`Outputs`."""
-    logits1, features1 = nets["net1"](image, return_features=True)
-    logits2, features2 = nets["net2"](image, return_features=True)
+def forward(nets, image, levels, recomputed):
+    """Both subnets, the fused head, and the encoder features of ``levels``, as float32 :data:`Outputs`;
+    ``recomputed``: the subnets' activations are recomputed in the backward pass (``utils.recompute``)."""
+    logits1, features1 = recompute.forward(nets["net1"], image, enabled=recomputed, return_features=True)
+    logits2, features2 = recompute.forward(nets["net2"], image, enabled=recomputed, return_features=True)
     fused = nets["upg"](logits1, logits2)
     return Outputs(logits1.float(), logits2.float(), fused.float(),
                    [features1["encoder"][level - 1].float() for level in levels],
@@ -331,17 +334,23 @@ def mix_batch(image, targets, labeled_bs, fraction):
     return mixed_image, mixed_target
 
 
-def total_loss(terms, weight, args):
-    """``L_k = L_sup,k + diff_weight L_diff,k + weight L_uns,k + ife_weight IFE_k`` for both subnets and
-    ``L = (L_1 + L_2) / 2 + L_fuse + ic_weight IC``. After ``--mix_start`` the unsupervised, IFE, IC and
-    diff terms are already the means of the plain and the mixed pass (official trainer)."""
+def supervised_total(terms):
+    """The labelled part of ``L = (L_1 + L_2) / 2 + L_fuse + ...``: ``(L_sup,1 + L_sup,2) / 2 + L_fuse``."""
+    return 0.5 * (terms["loss_sup1"] + terms["loss_sup2"]) + terms["loss_fuse"]
+
+
+def unsupervised_total(terms, weight, args):
+    """The part of ``L`` one pass contributes: ``(U_1 + U_2) / 2 + ic_weight IC`` with
+    ``U_k = weight L_uns,k + ife_weight IFE_k + diff_weight L_diff,k``. The official trainer averages each
+    term over the plain and the mixed pass before summing; ``L`` is linear in them, so half of each pass's
+    part is the same loss."""
     subnet_losses = []
     for k in (1, 2):
-        loss = terms[f"loss_sup{k}"] + weight * terms[f"loss_unsup{k}"] + args.ife_weight * terms[f"loss_ife{k}"]
+        loss = weight * terms[f"loss_unsup{k}"] + args.ife_weight * terms[f"loss_ife{k}"]
         if args.diff_weight > 0:
             loss = loss + args.diff_weight * terms[f"loss_diff{k}"]
         subnet_losses.append(loss)
-    return 0.5 * (subnet_losses[0] + subnet_losses[1]) + terms["loss_fuse"] + args.ic_weight * terms["loss_ic"]
+    return 0.5 * (subnet_losses[0] + subnet_losses[1]) + args.ic_weight * terms["loss_ic"]
 
 
 def pass_terms(outputs, targets, first, queues, args):
@@ -356,12 +365,15 @@ def pass_terms(outputs, targets, first, queues, args):
             "loss_diff2": prediction_consistency(outputs.logits2, outputs.logits1)}
 
 
-def ucseg_step(nets, image, label, iteration, args, autocast):
-    """The loss of one iteration on ``image`` (labelled crops first) and the labelled crops' ``label``;
-    writes the memory queues when the gate opens. Returns ``(loss, terms for the log)``."""
+def ucseg_step(nets, image, label, iteration, args, autocast, recomputed=False):
+    """Backpropagate the loss of one iteration on ``image`` (labelled crops first) and the labelled crops'
+    ``label``; write the memory queues when the gate opens. Returns ``(loss, terms for the log)``, detached.
+
+    With mixing, the plain pass is backpropagated before the mixed pass is built, so that the two passes'
+    graphs never coexist; the gradients accumulate to those of the whole loss."""
     labeled, queues = args.labeled_bs, nets["queues"]
     with autocast():
-        outputs = forward(nets, image, args.contrast_levels)
+        outputs = forward(nets, image, args.contrast_levels, recomputed)
     annealing = au_annealing(iteration, args.max_iterations, args.au_start)
     pseudo = foreground_masks(outputs.fused[labeled:], args.pseudo_lcc)
     terms = {"loss_sup1": supervised_loss(outputs.logits1[:labeled], label, annealing, args),
@@ -376,19 +388,28 @@ def ucseg_step(nets, image, label, iteration, args, autocast):
         written = update_queues(queues, k, features, targets, dice, gate, args.contrast_levels)
         terms.update({f"dice{k}": dice, f"queue_write{k}": float(written)})
 
-    if iteration >= args.mix_start:
+    mixing = iteration >= args.mix_start
+    weight = args.consistency_scale * consistency_weight(iteration, args.consistency, args.consistency_rampup,
+                                                         args.iterations_per_epoch)
+    loss = supervised_total(terms) + (0.5 if mixing else 1.0) * unsupervised_total(plain, weight, args)
+    loss.backward()
+    loss = loss.detach()
+    plain = {name: value.detach() for name, value in plain.items()}
+    if mixing:
         mixed_image, mixed_target = mix_batch(image, targets, labeled, args.mix_fraction)
         with autocast():
-            mixed = forward(nets, mixed_image, args.contrast_levels)
+            mixed = forward(nets, mixed_image, args.contrast_levels, recomputed)
         mixed_terms = pass_terms(mixed, mixed_target, 0, queues, args)
+        mixed_loss = 0.5 * unsupervised_total(mixed_terms, weight, args)
+        mixed_loss.backward()
+        loss = loss + mixed_loss.detach()
         for name, value in mixed_terms.items():
-            terms[name] = 0.5 * (plain[name] + value)
-            terms[f"{name}_mix"] = value
+            terms[name] = 0.5 * (plain[name] + value.detach())
+            terms[f"{name}_mix"] = value.detach()
     else:
         terms.update(plain)
-    weight = args.consistency_scale * consistency_weight(iteration, args.consistency, args.consistency_rampup)
     terms.update(consistency_weight=weight, queue_gate=gate, annealing=annealing)
-    return total_loss(terms, weight, args), terms
+    return loss, {name: value.detach() if torch.is_tensor(value) else value for name, value in terms.items()}
 
 
 def main(argv=None):
@@ -404,16 +425,15 @@ def main(argv=None):
     for net in nets.values():
         net.to(run.device).train()
     optimizer = run.sgd(trainable_parameters(nets))
-    start, batches = run.begin(nets, {"optimizer": optimizer}, train_set, sampler)
+    start, batches = run.begin(nets, {"optimizer": optimizer}, train_set, sampler, predict=predict)
+    recomputed = recompute.recompute_enabled(args.recompute, run.device)
 
     for iteration in run.iterations(start):
         batch = run.next_batch(batches)
         lr = run.update_lr(iteration, [optimizer])
-        loss, terms = ucseg_step(nets, batch["image"], batch["label"][:args.labeled_bs], iteration, args,
-                                 run.autocast)
-
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, terms = ucseg_step(nets, batch["image"], batch["label"][:args.labeled_bs], iteration, args,
+                                 run.autocast, recomputed)
         optimizer.step()
 
         run.log(iteration + 1, lr, loss=loss, **terms)

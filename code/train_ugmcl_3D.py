@@ -193,7 +193,7 @@ def main(argv=None):
     model = nets["model"].to(run.device).train()
     teacher = nets["ema_model"].to(run.device).train()  # train mode: dropout on for the MC passes, as UA-MT
     optimizer = run.sgd(model.parameters())
-    start, batches = run.begin(nets, {"optimizer": optimizer}, train_set, sampler)
+    start, batches = run.begin(nets, {"optimizer": optimizer}, train_set, sampler, predict=predict)
 
     for iteration in run.iterations(start):
         batch = run.next_batch(batches)
@@ -201,7 +201,8 @@ def main(argv=None):
         label = batch["label"][:args.labeled_bs]
         sdf_target = batch["sdf"][:args.labeled_bs]
         lr = run.update_lr(iteration, [optimizer])
-        weight = consistency_weight(iteration, args.consistency, args.consistency_rampup)
+        weight = consistency_weight(iteration, args.consistency, args.consistency_rampup,
+                                    args.iterations_per_epoch)
         threshold = uncertainty_threshold(iteration, args.max_iterations, args.threshold_start, args.threshold_end)
 
         with run.autocast():

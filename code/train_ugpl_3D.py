@@ -38,7 +38,7 @@ from dataloaders.registry import get_dataset_spec  # noqa: E402
 from dataloaders.training_data import build_training_data  # noqa: E402
 from networks.initialization import kaiming_normal_init  # noqa: E402
 from networks.net_factory_3d import net_factory_3d  # noqa: E402
-from utils import losses  # noqa: E402
+from utils import losses, recompute  # noqa: E402
 from utils.args import check_non_negative, finalize_args, training_parser  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
@@ -86,6 +86,7 @@ def get_parser():
                         help="Dropout3d(0.5) in both networks, as the code (default: 1)")
     method.add_argument("--rot_flip", type=int, choices=(0, 1), default=0,
                         help="random rotation/flip before the crop (default: 0; the code only crops)")
+    recompute.add_recompute_args(parser)
     return parser
 
 
@@ -121,9 +122,10 @@ def predict(nets, x):
     return 0.5 * (torch.softmax(nets["subnet_a"](x), dim=1) + torch.softmax(nets["subnet_b"](x), dim=1))
 
 
-def forward(net, image):
-    """``(logits, last decoder map)`` of ``net`` in float32."""
-    logits, features = net(image, return_features=True)
+def forward(net, image, recomputed):
+    """``(logits, last decoder map)`` of ``net`` in float32; ``recomputed``: activations recomputed in the
+    backward pass instead of kept (``utils.recompute``)."""
+    logits, features = recompute.forward(net, image, enabled=recomputed, return_features=True)
     return logits.float(), features["decoder"].float()
 
 
@@ -296,17 +298,19 @@ def main(argv=None):
         net.to(run.device).train()
     optimizers = {"optimizer_a": run.sgd(nets["subnet_a"].parameters()),
                   "optimizer_b": run.sgd(nets["subnet_b"].parameters())}
-    start, batches = run.begin(nets, optimizers, train_set, sampler)
+    start, batches = run.begin(nets, optimizers, train_set, sampler, predict=predict)
+    recomputed = recompute.recompute_enabled(args.recompute, run.device)
 
     for iteration in run.iterations(start):
         batch = run.next_batch(batches)
         image = batch["image"]
         label = batch["label"][:args.labeled_bs]
         lr = run.update_lr(iteration, optimizers.values())
-        proto_weight = consistency_weight(iteration, args.consistency, args.consistency_rampup)
+        proto_weight = consistency_weight(iteration, args.consistency, args.consistency_rampup,
+                                          args.iterations_per_epoch)
 
         with run.autocast():
-            outputs = {name: forward(net, image) for name, net in nets.items()}
+            outputs = {name: forward(net, image, recomputed) for name, net in nets.items()}
         loss, terms = ugpl_loss(outputs, label, proto_weight, args)
 
         for optimizer in optimizers.values():

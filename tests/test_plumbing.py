@@ -139,3 +139,11 @@ def test_failed_evaluation_leaves_no_empty_folder(synthetic_root, tmp_path):
         evaluate(refuse, LAHeart(synthetic_root, "test"), out_dir, patch_size=(32, 32, 16), stride_xy=16,
                  stride_z=8, num_classes=2, device=CPU, progress=False)
     assert not out_dir.exists()
+
+
+def test_recompute_auto_is_on_for_cpu_only():
+    from utils.recompute import recompute_enabled
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert recompute_enabled("auto", cpu) and not recompute_enabled("auto", cuda)
+    assert recompute_enabled("on", cuda) and not recompute_enabled("off", cpu)

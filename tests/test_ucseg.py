@@ -1,6 +1,7 @@
 """UC-Seg (code/train_ucseg_3D.py): evidential uncertainty, memory queues, copy-paste, the UPG head, the
 contrast terms, and the script end to end (train, evaluate, test_3D, resume)."""
 import contextlib
+import copy
 import json
 import re
 
@@ -171,7 +172,7 @@ def test_upg_head_output_shape_and_gradient_into_both_subnets():
     args = method_args()
     nets = networks(args)
     image, _ = make_batch()
-    outputs = ucseg.forward(nets, image, args.contrast_levels)
+    outputs = ucseg.forward(nets, image, args.contrast_levels, False)
     assert outputs.fused.shape == (2, 2, *SHAPE)
     assert nets["upg"].weight_map(outputs.logits1, outputs.logits2).shape == (2, 1, *SHAPE)
     outputs.fused.sum().backward()
@@ -226,14 +227,67 @@ def test_step_terms_and_the_prediction_consistency_flag():
     image, label = make_batch()
     loss, terms = ucseg.ucseg_step(nets, image, label, 0, args, contextlib.nullcontext)
     assert torch.isfinite(loss) and "loss_ic_mix" in terms and terms["queue_write1"] in (0.0, 1.0)
-    expected = ucseg.total_loss(terms, terms["consistency_weight"], args)
+    weight = terms["consistency_weight"]
+    expected = ucseg.supervised_total(terms) + ucseg.unsupervised_total(terms, weight, args)
     assert loss.item() == pytest.approx(expected.item())
-    with_diff = ucseg.total_loss(terms, terms["consistency_weight"], method_args("--diff_weight", "0.5"))
+    with_diff = ucseg.unsupervised_total(terms, weight, method_args("--diff_weight", "0.5"))
     half_diff = 0.25 * (terms["loss_diff1"] + terms["loss_diff2"])
-    assert with_diff.item() == pytest.approx((loss + half_diff).item(), rel=1e-6)
+    assert with_diff.item() == pytest.approx((ucseg.unsupervised_total(terms, weight, args) + half_diff).item(),
+                                             rel=1e-6)
     logits, other = torch.randn(2, 2, 4, 4, 4, requires_grad=True), torch.randn(2, 2, 4, 4, 4, requires_grad=True)
     ucseg.prediction_consistency(logits, other).backward()
     assert logits.grad.abs().sum() > 0 and other.grad is None
+
+
+def whole_loss_once(nets, image, label, iteration, args):
+    """The official trainer's order: both passes built, each term averaged over them, one backward pass."""
+    labeled = args.labeled_bs
+    outputs = ucseg.forward(nets, image, args.contrast_levels, False)
+    annealing = ucseg.au_annealing(iteration, args.max_iterations, args.au_start)
+    pseudo = ucseg.foreground_masks(outputs.fused[labeled:], args.pseudo_lcc)
+    terms = {"loss_sup1": ucseg.supervised_loss(outputs.logits1[:labeled], label, annealing, args),
+             "loss_sup2": ucseg.supervised_loss(outputs.logits2[:labeled], label, annealing, args),
+             "loss_fuse": ucseg.supervised_loss(outputs.fused[:labeled], label, annealing, args)}
+    plain = ucseg.pass_terms(outputs, pseudo, labeled, nets["queues"], args)
+    targets = torch.cat([ucseg.one_hot(label), pseudo])
+    gate = ucseg.queue_gate(iteration, args)
+    for k, logits, features in ((1, outputs.logits1, outputs.features1), (2, outputs.logits2, outputs.features2)):
+        dice = ucseg.labelled_dice(logits[:labeled], label, False)
+        ucseg.update_queues(nets["queues"], k, features, targets, dice, gate, args.contrast_levels)
+    mixed_image, mixed_target = ucseg.mix_batch(image, targets, labeled, args.mix_fraction)
+    mixed = ucseg.pass_terms(ucseg.forward(nets, mixed_image, args.contrast_levels, False), mixed_target, 0,
+                             nets["queues"], args)
+    terms.update({name: 0.5 * (plain[name] + mixed[name]) for name in plain})
+    weight = args.consistency_scale * ucseg.consistency_weight(iteration, args.consistency, args.consistency_rampup,
+                                                               args.iterations_per_epoch)
+    loss = ucseg.supervised_total(terms) + ucseg.unsupervised_total(terms, weight, args)
+    loss.backward()
+    return loss
+
+
+@pytest.mark.parametrize("recomputed", [False, True])
+def test_pass_by_pass_backward_gives_the_gradients_of_the_whole_loss(recomputed):
+    """The step backpropagates the plain pass before building the mixed one (memory), optionally with
+    recomputed activations; the gradients must be those of one backward pass over the whole loss."""
+    args = method_args("--mix_start", "0", "--gate_start", "0", "--gate_slope", "0")
+    image, label = make_batch()
+    nets = networks(args)
+    reference = copy.deepcopy(nets)
+    torch.manual_seed(7)
+    loss, _ = ucseg.ucseg_step(nets, image, label, 3000, args, contextlib.nullcontext, recomputed)
+    torch.manual_seed(7)
+    expected = whole_loss_once(reference, image, label, 3000, args)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    compared = 0
+    for name in ("net1", "net2", "upg"):
+        for (key, param), ref in zip(nets[name].named_parameters(), reference[name].parameters()):
+            assert (param.grad is None) == (ref.grad is None), (name, key)
+            if param.grad is not None:
+                assert torch.allclose(param.grad, ref.grad, rtol=1e-4, atol=1e-7), (name, key)
+                compared += 1
+    assert compared > 20
+    for key, value in nets["queues"].state_dict().items():
+        assert torch.equal(value, reference["queues"].state_dict()[key]), key
 
 
 # -- the script ----------------------------------------------------------------------------------------------
@@ -307,7 +361,6 @@ def test_finite_loss_on_real_la_crops():
     assert label.sum() > 0
     nets = networks(args)
     loss, terms = ucseg.ucseg_step(nets, image, label, 100, args, contextlib.nullcontext)
-    loss.backward()
     assert torch.isfinite(loss) and all(np.isfinite(float(torch.as_tensor(v).detach())) for v in terms.values())
     params = ucseg.trainable_parameters(nets)
     assert all(torch.isfinite(p.grad).all() for p in params if p.grad is not None)

@@ -1,4 +1,5 @@
 """UGPL (code/train_ugpl_3D.py, networks/resnet_vnet.py): the network, the loss terms, the script end to end."""
+import copy
 import json
 import re
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 import train_ugpl_3D as ugpl
-from conftest import SHARED_LA, TINY, read_summary, run_script
+from conftest import SHARED_LA, TINY, kill_after_first_save, read_summary, run_script
 from dataloaders.la_heart import LAHeart
 from dataloaders.transforms import CenterCrop
 from networks.net_factory_3d import net_factory_3d
@@ -205,6 +206,47 @@ def test_script_trains_evaluates_and_test_3d_reproduces(synthetic_root, tmp_path
         assert tested[metric] == trained[metric]
 
 
+def test_recomputed_activations_give_the_same_loss_gradients_and_batch_norm_statistics():
+    """``--recompute`` reruns each network's forward pass in the backward pass (dropout replayed, batch-norm
+    statistics not updated twice): loss, gradients and running statistics must match the plain pass."""
+    args = method_args("--batch_size", "2", "--labeled_bs", "1")
+    torch.manual_seed(0)
+    nets = {name: net.train() for name, net in ugpl.build_networks(args).items()}
+    copies = copy.deepcopy(nets)
+    image = torch.randn(2, 1, 32, 32, 16)
+    label = (torch.rand(1, 32, 32, 16) > 0.7).long()
+    losses = []
+    for networks, recomputed in ((nets, False), (copies, True)):
+        torch.manual_seed(1)
+        outputs = {name: ugpl.forward(net, image, recomputed) for name, net in networks.items()}
+        loss, _ = ugpl.ugpl_loss(outputs, label, proto_weight=0.1, args=args)
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == losses[1]
+    for name in nets:
+        for (key, param), other in zip(nets[name].named_parameters(), copies[name].parameters()):
+            assert torch.allclose(param.grad, other.grad, rtol=1e-5, atol=1e-8), (name, key)
+        for key, buffer in nets[name].named_buffers():
+            assert torch.equal(buffer, copies[name].get_buffer(key)), (name, key)
+
+
+def test_killed_run_resumes_to_the_same_weights(synthetic_root, tmp_path):
+    """Both networks, both optimisers and the batch-norm statistics continue exactly after a kill."""
+    common = ["--root_path", synthetic_root, "--labelnum", "4", "--labeled_bs", "1", "--max_iterations", "2",
+              "--save_interval", "1", "--no_eval", *TINY]
+    run_script(SCRIPT, *common, "--output_root", tmp_path / "straight")
+    killed = ["--output_root", tmp_path / "killed", *common]
+    latest = kill_after_first_save(SCRIPT, killed, tmp_path / "killed" / "LA/UGPL_4/resnet_vnet")
+    assert torch.load(latest, weights_only=True)["iteration"] == 1
+    run_script(SCRIPT, *killed, "--resume")
+    straight = torch.load(tmp_path / "straight/LA/UGPL_4/resnet_vnet/iter_2.pth", weights_only=True)["models"]
+    resumed = torch.load(latest.parent / "iter_2.pth", weights_only=True)["models"]
+    assert set(straight) == {"subnet_a", "subnet_b"}
+    for net in straight:
+        for key in straight[net]:
+            assert torch.equal(straight[net][key], resumed[net][key]), (net, key)
+
+
 def test_script_code_faithful_runs_with_the_filter_off(synthetic_root, tmp_path):
     run = train(synthetic_root, tmp_path / "model", "--code_faithful", "--no_eval")
     assert json.loads((run / "config.json").read_text())["args"]["code_faithful"] is True
@@ -241,7 +283,7 @@ def test_finite_loss_on_real_la_crops():
     assert label.sum() > 0
     torch.manual_seed(0)
     nets = {name: net.train() for name, net in ugpl.build_networks(args).items()}
-    outputs = {name: ugpl.forward(net, image) for name, net in nets.items()}
+    outputs = {name: ugpl.forward(net, image, False) for name, net in nets.items()}
     loss, terms = ugpl.ugpl_loss(outputs, label, proto_weight=0.1, args=args)
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(torch.as_tensor(v)) for v in terms.values())

@@ -21,10 +21,12 @@ def build_training_data(args, spec, semi_supervised=True, signed_distance=False,
 
     With ``signed_distance`` each training sample also carries ``'sdf'``, the normalised signed distance
     map of its cropped label (``transforms.SignedDistance``). ``test_set`` is None with ``--no_eval``. Errors (missing data, a ``--labelnum`` that does not fit the
-    list) are one-line ``UserError``/``DataError``.
+    list, a missing validation list with ``--val_interval``) are one-line ``UserError``/``DataError``.
     """
     num_train = len(spec.dataset_class.list_ids(args.root_path, "train"))
     check_labelnum(args, num_train, semi_supervised)
+    if args.val_interval:
+        spec.dataset_class.list_ids(args.root_path, "val")  # a missing list fails now, before the run directory
     transforms = ([RandomRotFlip()] if rot_flip else []) + [RandomCrop(args.patch_size)]
     transforms += [SignedDistance()] if signed_distance else []
     transform = Compose(transforms + [ToTensor()])

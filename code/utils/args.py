@@ -9,7 +9,8 @@ from utils.errors import UserError
 from utils.lr_schedule import SCHEDULES
 
 # Flags that may differ when a run is resumed: they change where and how fast it runs, not what it computes.
-RUNTIME_FLAGS = ("resume", "overwrite", "device", "num_workers", "cache", "sw_batch_size", "no_eval", "progress")
+RUNTIME_FLAGS = ("resume", "overwrite", "device", "num_workers", "cache", "sw_batch_size", "no_eval", "progress",
+                 "recompute", "val_interval")
 
 
 def training_parser(description, *, exp, max_iterations, batch_size, base_lr, seed=1337,
@@ -23,13 +24,15 @@ def training_parser(description, *, exp, max_iterations, batch_size, base_lr, se
     """
     parser = ArgumentParser(description=description)
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default="LA", help="dataset name (default: LA)")
+    data.add_argument("--dataset", default="LA", help="LA, Pancreas or BraTS2019 (default: LA)")
     data.add_argument("--root_path", default=None,
-                      help="data root (default: the dataset's folder under data/, e.g. data/LA)")
+                      help="data root (default: the dataset's folder under data/: data/LA, data/Pancreas, "
+                           "data/BraTS2019)")
     data.add_argument("--labelnum", type=int, default=labelnum,
-                      help="number of labelled cases: the first N of train.list (default: %(default)s)")
+                      help="number of labelled cases: the first N of the training list (default: %(default)s)")
     data.add_argument("--patch_size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
-                      help="training crop, each divisible by 16 (default: the dataset's, 112 112 80 for LA)")
+                      help="training crop, each divisible by 16 (default: the method's, else the dataset's: "
+                           "112 112 80 for LA, 96 96 96 for Pancreas and BraTS2019)")
     data.add_argument("--num_workers", type=int, default=2, help="data loader workers (default: 2)")
     data.add_argument("--cache", type=int, choices=(0, 1), default=1,
                       help="keep the training volumes in memory (default: 1; about 12 MB per LA case)")
@@ -62,7 +65,11 @@ def training_parser(description, *, exp, max_iterations, batch_size, base_lr, se
         optim.add_argument("--consistency", type=float, default=consistency,
                            help="maximum weight of the unsupervised loss (default: %(default)s)")
         optim.add_argument("--consistency_rampup", type=float, default=consistency_rampup,
-                           help="sigmoid ramp-up length in epochs of 150 iterations (default: %(default)s)")
+                           help="sigmoid ramp-up length in epochs of --iterations_per_epoch iterations "
+                                "(default: %(default)s)")
+        optim.add_argument("--iterations_per_epoch", type=float, default=150.0,
+                           help="the ramp's epoch: 150 iterations in UA-MT's LA code and its lineage; a shorter "
+                                "schedule shrinks it in proportion (default: %(default)s)")
     optim.add_argument("--base_lr", type=float, default=base_lr)
     optim.add_argument("--lr_schedule", choices=SCHEDULES, default="step")
     optim.add_argument("--lr_step", type=int, default=2500, help="step schedule: iterations per decay")
@@ -72,11 +79,17 @@ def training_parser(description, *, exp, max_iterations, batch_size, base_lr, se
 
     evaluation = parser.add_argument_group("final evaluation (sliding window on the test list)")
     evaluation.add_argument("--no_eval", action="store_true", help="skip the evaluation at the end")
-    evaluation.add_argument("--stride_xy", type=int, default=None, help="default: the dataset's (18 for LA)")
-    evaluation.add_argument("--stride_z", type=int, default=None, help="default: the dataset's (4 for LA)")
+    evaluation.add_argument("--stride_xy", type=int, default=None,
+                            help="default: the dataset's (LA 18, Pancreas 16, BraTS2019 64)")
+    evaluation.add_argument("--stride_z", type=int, default=None,
+                            help="default: the dataset's (LA 4, Pancreas 16, BraTS2019 64)")
     evaluation.add_argument("--nms", type=int, choices=(0, 1), default=0,
                             help="keep the largest connected component (default: 0)")
     evaluation.add_argument("--sw_batch_size", type=int, default=4, help="windows per forward pass")
+    validation = parser.add_argument_group("periodic validation (sliding window on the validation list)")
+    validation.add_argument("--val_interval", type=int, default=0,
+                            help="every N iterations, log the mean Dice on the dataset's validation list "
+                                 "(BraTS2019's val.txt) as val/dice; the training is unchanged (default: 0, off)")
     return parser
 
 
@@ -119,6 +132,7 @@ def finalize_args(args, dataset_spec):
     args.stride_z = args.stride_z or dataset_spec.stride_z
     args.output_root = str(resolve_path(args.output_root))
     check_args(args)
+    check_validation(args, dataset_spec)
     return args
 
 
@@ -150,6 +164,15 @@ def check_args(args):
         raise UserError(f"--mc_samples must be at least 1, got {mc_samples}")
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite exclude each other: continue the run, or start it afresh")
+
+
+def check_validation(args, dataset_spec):
+    """``--val_interval`` needs a dataset with a validation list (LA and Pancreas have none)."""
+    check_non_negative(args, "val_interval")
+    splits = dataset_spec.dataset_class.SPLIT_FILES
+    if args.val_interval and "val" not in splits:
+        raise UserError(f"--val_interval: dataset {dataset_spec.name} has no validation list (only "
+                        f"{', '.join(splits.values())}); periodic validation is for BraTS2019")
 
 
 def check_non_negative(args, *flags):

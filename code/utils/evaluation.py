@@ -7,7 +7,11 @@ replacing an earlier evaluation):
 - ``metrics.csv``: one row per case (dice, jaccard, hd95, asd, empty_pred, empty_gt) and mean/std rows;
 - ``summary.json``: means, standard deviations, counts and the protocol behind them;
 - with ``save_nii``: ``<case>_pred.nii.gz``, ``<case>_img.nii.gz``, ``<case>_gt.nii.gz``.
+
+:func:`validation_dice` is the lighter periodic validation during a run (``--val_interval``): mean Dice only,
+no files.
 """
+import contextlib
 import csv
 import json
 import math
@@ -17,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from utils.metrics import calculate_metric_percase, largest_connected_component, summarize_metrics
+from utils.metrics import calculate_metric_percase, dice_score, largest_connected_component, summarize_metrics
 from utils.sliding_window import channels_last, keep_freed_memory, sliding_window_inference
 
 METRICS = ("dice", "jaccard", "hd95", "asd")
@@ -92,6 +96,33 @@ def evaluate(predict, dataset, out_dir, *, patch_size, stride_xy, stride_z, num_
         if not any(out_dir.iterdir()):
             out_dir.rmdir()
         raise
+
+
+@contextlib.contextmanager
+def eval_mode(nets):
+    """The networks in eval mode inside the block; after it every module has its own mode back (a teacher
+    that a method keeps in train mode for its dropout stays so), even when the block fails."""
+    modes = {name: [module.training for module in net.modules()] for name, net in nets.items()}
+    for net in nets.values():
+        net.eval()
+    try:
+        yield nets
+    finally:
+        for name, net in nets.items():
+            for module, training in zip(net.modules(), modes[name]):
+                module.training = training
+
+
+def validation_dice(predict, dataset, *, patch_size, stride_xy, stride_z, num_classes, device, sw_batch_size=4):
+    """Mean foreground Dice of ``predict``'s sliding-window predictions over every case of ``dataset``, without
+    the largest-component step or the surface distances (SSL4MIS's periodic validation); writes nothing."""
+    scores = []
+    for index in range(len(dataset)):
+        sample = dataset.load(index)
+        prediction, _ = sliding_window_inference(predict, sample["image"], patch_size, stride_xy, stride_z,
+                                                 num_classes, device, sw_batch_size)
+        scores.append(dice_score(prediction == 1, sample["label"] == 1))
+    return float(np.mean(scores))
 
 
 def _evaluate_into(predict, dataset, out_dir, patch_size, stride_xy, stride_z, num_classes, device,

@@ -56,6 +56,15 @@ def calculate_metric_percase(pred, gt, spacing=None):
     }
 
 
+def dice_score(pred, gt):
+    """Dice of two masks of the same shape (nonzero = foreground), as :func:`calculate_metric_percase` scores
+    it (1 when both are empty, 0 when one is) but without the surface distances: the periodic validation's."""
+    pred, gt = np.asarray(pred) != 0, np.asarray(gt) != 0
+    if not pred.any() and not gt.any():
+        return 1.0
+    return float(binary.dc(pred, gt))
+
+
 def largest_connected_component(mask):
     """Keep only the largest 26-connected foreground component of ``mask``.
 

@@ -8,6 +8,7 @@ method. The run directory is ``<output_root>/{exp}_{labelnum}/{model}/`` (SSL4MI
 - ``config.json``: every argument, the script, git commit, library versions, host, start time;
 - ``latest.pth``: the resumable state (networks, optimisers, RNG), rewritten atomically;
 - ``iter_<N>.pth``: network weights every ``--snapshot_interval`` iterations and at the end;
+- with ``--val_interval N``: a ``val_dice`` line in ``log.txt`` and the scalar ``val/dice`` every N iterations;
 - ``eval_<checkpoint>[_nms]/``: the final evaluation (see ``utils.evaluation``).
 """
 import datetime as dt
@@ -23,12 +24,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from dataloaders.registry import get_dataset_spec
 from dataloaders.samplers import InfiniteBatches, seed_worker
 from utils.args import RUNTIME_FLAGS
 from utils.checkpoint import load_checkpoint, load_models, save_checkpoint
 from utils.cli import REPO_ROOT
 from utils.errors import UserError
-from utils.evaluation import evaluate, format_summary, new_eval_dir, prepare_for_inference
+from utils.evaluation import (eval_mode, evaluate, format_summary, new_eval_dir, prepare_for_inference,
+                              validation_dice)
 from utils.lr_schedule import lr_at, set_lr
 from utils.runtime import autocast, capture_rng_state, restore_rng_state, seed_everything, select_device
 
@@ -130,6 +133,7 @@ class TrainingRun:
         self.writer = _make_writer(self.dir / "log", self.logger)
         self.logger.info(str(args))
         self._bar = None
+        self._validation = None
 
     # -- directory and configuration -------------------------------------------------------------------
     def _prepare_directory(self):
@@ -185,7 +189,7 @@ class TrainingRun:
 
     def save(self, iteration, models, optimizers):
         """Write ``latest.pth`` every ``--save_interval`` iterations and ``iter_N.pth`` every
-        ``--snapshot_interval``; both at the last iteration."""
+        ``--snapshot_interval``, both at the last iteration; then :meth:`validate` (``--val_interval``)."""
         last = iteration == self.args.max_iterations
         weights = {name: m.state_dict() for name, m in models.items()}
         if last or iteration % self.args.snapshot_interval == 0:
@@ -196,6 +200,26 @@ class TrainingRun:
                 "script": self.script, "iteration": iteration, "models": weights,
                 "optimizers": {name: o.state_dict() for name, o in optimizers.items()},
                 "rng": capture_rng_state()})
+        self.validate(iteration)
+
+    def validate(self, iteration):
+        """With ``--val_interval N``, every N iterations (called by :meth:`save`): the mean Dice of the script's
+        ``predict`` on the validation list (sliding window with the run's patch and strides, no
+        largest-component step, as SSL4MIS), logged to ``log.txt`` and as ``val/dice``. The networks are in eval
+        mode meanwhile and get their own modes back after; nothing draws from an RNG, so the training is the
+        same with or without validation."""
+        if self._validation is None or iteration % self.args.val_interval:
+            return
+        predict, models, dataset = self._validation
+        with eval_mode(models):
+            dice = validation_dice(
+                lambda x: predict(models, x), dataset, patch_size=self.args.patch_size,
+                stride_xy=self.args.stride_xy, stride_z=self.args.stride_z, num_classes=dataset.num_classes,
+                device=self.device, sw_batch_size=self.args.sw_batch_size)
+        self.logger.info(f"iteration {iteration} : val_dice : {dice:f} ({len(dataset)} cases of "
+                         f"{dataset.SPLIT_FILES['val']})")
+        if self.writer is not None:
+            self.writer.add_scalar("val/dice", dice, iteration)
 
     # -- loop helpers -----------------------------------------------------------------------------------
     def sgd(self, parameters):
@@ -203,10 +227,13 @@ class TrainingRun:
         return torch.optim.SGD(parameters, lr=self.args.base_lr, momentum=self.args.momentum,
                                weight_decay=self.args.weight_decay)
 
-    def begin(self, models, optimizers, train_set, sampler):
+    def begin(self, models, optimizers, train_set, sampler, predict=None):
         """Restore a resumed run (:meth:`restore`), open the endless batch stream at the iteration reached
-        and log what the run trains on; return ``(start_iteration, batches)``."""
+        and log what the run trains on; return ``(start_iteration, batches)``. ``predict(models, x)``, the
+        script's inference, is what ``--val_interval`` validates (:meth:`validate`)."""
         start = self.restore(models, optimizers)
+        if self.args.val_interval:
+            self._validation = (predict, models, self._validation_set(predict))
         batches = self.data_loader(train_set, InfiniteBatches(sampler, self.args.seed, start))
         if getattr(self.args, "labeled_bs", None) is None:
             cases = f"{len(train_set)} labelled cases"
@@ -214,6 +241,13 @@ class TrainingRun:
             cases = f"{self.args.labelnum} labelled + {len(train_set) - self.args.labelnum} unlabelled cases"
         self.logger.info(f"{cases}, {len(sampler)} iterations per epoch, device {self.device}")
         return start, batches
+
+    def _validation_set(self, predict):
+        """The dataset's validation split (``--val_interval``; ``utils.args`` has checked that it has one)."""
+        if predict is None:
+            raise UserError(f"--val_interval: {self.script} does not hand its predict() to TrainingRun.begin")
+        spec = get_dataset_spec(self.args.dataset)
+        return spec.dataset_class(self.args.root_path, "val", num_classes=spec.num_classes)
 
     def next_batch(self, batches):
         """The next batch with every tensor on the run's device."""
