@@ -1,29 +1,43 @@
 #!/usr/bin/env bash
-# Train and evaluate every method that exists for the labelled counts and seeds given, then print the results.
+# Train and evaluate every method for the labelled counts and seeds given, then write the results table
+# (code/utils/summarize.py) and the figures (code/utils/plots.py).
 #
-#   bash reproduce.sh                              # LA at data/LA: 8 and 16 labels, seed 1337
+#   bash reproduce.sh                              # LA at data/LA: 8 and 16 labels, seed 1337, paper protocols
 #   LABELNUMS="8" SEEDS="1337 2024 42" bash reproduce.sh
 #   DATA_ROOT=/data/LA DEVICE=cuda bash reproduce.sh
+#   QUICK=1 bash reproduce.sh                      # CPU protocol on half-resolution LA (about an hour, 2 cores)
 #
-# Environment: DATA_ROOT (default data/LA), LABELNUMS (default "8 16"), SEEDS (default "1337"),
-# METHODS (default: every method below), DEVICE (auto|cpu|cuda, default auto), EXTRA_ARGS (added to
-# every training command). Finished runs are skipped, interrupted ones resumed (--resume), and a failed
-# run is reported while the others go on; the script exits non-zero at the end if any failed.
-# QUICK_LABELNUMS (default "4") and QUICK_ITERATIONS (default 20) set the synthetic quick start.
+# Three protocols, chosen by what is there:
+# - the papers' (DATA_ROOT holds LA): every method with its paper's iterations, patch and schedule, plus the
+#   fully supervised upper bound; table docs/results.md, figures docs/figures/.
+# - QUICK=1 (DATA_ROOT holds LA): a CPU protocol. A half-resolution copy of LA is written once to
+#   data/LA_half (code/dataloaders/resample.py); every method runs at 8 labels on 48x48x32 crops in batches
+#   of 2 (1 labelled + 1 unlabelled) for QUICK_ITERATIONS (default 200) iterations, its schedule (lr steps,
+#   consistency ramps, mixing start) shrunk in proportion, and is evaluated at stride 24/16; table
+#   docs/results_quick.md, figures docs/figures_quick/. Not comparable with the papers.
+# - no dataset at DATA_ROOT: the synthetic quick start. A synthetic dataset is written to SYNTHETIC_ROOT
+#   (default data/synthetic_LA) and every method runs QUICK_ITERATIONS (default 20) iterations on 64x64x32
+#   crops, batches of 2; table and figures go next to the runs. Its numbers only show that the pipeline works.
 #
-# When no dataset is found at DATA_ROOT, it says so, writes the synthetic dataset to data/synthetic_LA
-# and runs a short quick-start configuration end to end (a few minutes on a laptop CPU). Its numbers
-# only show that the pipeline works; they are not comparable with any paper.
+# Environment: DATA_ROOT (default data/LA), LABELNUMS (default "8 16"; QUICK: "8"; synthetic: "4"), SEEDS
+# (default "1337"), METHODS (default: every method below), UPPER_BOUND (1: also the supervised run on every
+# training case; default 1), DEVICE (auto|cpu|cuda, default auto), EXTRA_ARGS (added to every training
+# command), OUTPUT_ROOT (where the runs go, default model/reproduce/<protocol>), RESULTS and FIGURES (where the
+# table and the figures go), PLOTS (0: no figures), QUICK_ITERATIONS, QUICK_PATCH, QUICK_STRIDE ("XY Z"),
+# HALF_ROOT, SYNTHETIC_ROOT, SYNTHETIC_SHAPE. Finished runs are skipped, interrupted ones resumed (--resume), and a failed run is
+# reported while the others go on; the script exits non-zero at the end if any failed.
 set -uo pipefail
 cd "$(dirname "$0")"
 
 DATA_ROOT=${DATA_ROOT:-data/LA}
-LABELNUMS=${LABELNUMS:-"8 16"}
 SEEDS=${SEEDS:-1337}
 METHODS=${METHODS:-"supervised mt uamt dtc cps ugmcl ucseg ugpl"}
+UPPER_BOUND=${UPPER_BOUND:-1}
 DEVICE=${DEVICE:-auto}
 EXTRA_ARGS=${EXTRA_ARGS:-}
+PLOTS=${PLOTS:-1}
 PYTHON=${PYTHON:-python}
+QUICK=${QUICK:-0}
 
 declare -A SCRIPT=([supervised]=train_supervised_3D.py [mt]=train_mt_3D.py [uamt]=train_uamt_3D.py
                    [dtc]=train_dtc_3D.py [cps]=train_cps_3D.py [ugmcl]=train_ugmcl_3D.py
@@ -32,84 +46,144 @@ declare -A EXP=([supervised]=Supervised [mt]=MT [uamt]=UAMT [dtc]=DTC [cps]=CPS 
                 [ugpl]=UGPL)
 declare -A MODEL=([supervised]=vnet [mt]=vnet [uamt]=vnet [dtc]=vnet_sdf [cps]=vnet [ugmcl]=vnet_sdf
                   [ucseg]=unet_3D_vnet [ugpl]=resnet_vnet)
+# each paper's schedule: its iterations, its lr step (step schedule; 0: its own schedule, scaled by the
+# script), and UC-Seg's first mixing iteration; the consistency ramps advance in epochs of 150 iterations
 declare -A ITERATIONS=([supervised]=6000 [mt]=6000 [uamt]=6000 [dtc]=6000 [cps]=6000 [ugmcl]=6000
                        [ucseg]=50000 [ugpl]=6000)
-# flags a method needs in the quick start's batch of 2 (semi-supervised: 1 labelled + 1 unlabelled crop)
-declare -A QUICK_ARGS=([supervised]="" [mt]="--labeled_bs 1" [uamt]="--labeled_bs 1" [dtc]="--labeled_bs 1"
-                       [cps]="--labeled_bs 1" [ugmcl]="--labeled_bs 1" [ucseg]="--labeled_bs 1"
-                       [ugpl]="--labeled_bs 1")
-COMMON=(--device "$DEVICE")
-QUICK=0
-DATASET_TAG=LA
+declare -A LR_STEP=([supervised]=2500 [mt]=2500 [uamt]=2500 [dtc]=2500 [cps]=2500 [ugmcl]=2500 [ucseg]=0
+                    [ugpl]=2500)
+RAMP_EPOCH=150
+UCSEG_MIX_START=6000
 
-if [ ! -f "$DATA_ROOT/train.list" ]; then
-    echo "No dataset at $DATA_ROOT (see data/README.md). Quick start on synthetic data instead."
-    DATA_ROOT=data/synthetic_LA
-    if [ ! -f "$DATA_ROOT/train.list" ]; then
-        "$PYTHON" code/dataloaders/synthetic.py --out "$DATA_ROOT" --num_cases 20 --num_test 4 \
-            --shape 96 96 48 --seed 0 || exit 1
+if [ -f "$DATA_ROOT/train.list" ]; then
+    if [ "$QUICK" = 1 ]; then
+        PROTOCOL=LA_half_quick
+        HALF_ROOT=${HALF_ROOT:-data/LA_half}
+        if [ ! -f "$HALF_ROOT/resample.json" ]; then
+            "$PYTHON" code/dataloaders/resample.py --src "$DATA_ROOT" --dst "$HALF_ROOT" --scale 0.5 || exit 1
+        fi
+        DATA_ROOT=$HALF_ROOT
+        LABELNUMS=${LABELNUMS:-8}
+        QUICK_ITERATIONS=${QUICK_ITERATIONS:-200}
+        QUICK_PATCH=${QUICK_PATCH:-"48 48 32"}
+        QUICK_STRIDE=${QUICK_STRIDE:-"24 16"}
+        RESULTS=${RESULTS:-docs/results_quick.md}
+        FIGURES=${FIGURES:-docs/figures_quick}
+        NOTE="CPU protocol (QUICK=1 bash reproduce.sh): LA at half resolution, $QUICK_ITERATIONS iterations on \
+${QUICK_PATCH// /x} crops in batches of 1 labelled + 1 unlabelled, schedules shrunk in proportion, sliding \
+window at stride ${QUICK_STRIDE// //}. NOT comparable with the papers' numbers."
+    else
+        PROTOCOL=LA
+        LABELNUMS=${LABELNUMS:-"8 16"}
+        RESULTS=${RESULTS:-docs/results.md}
+        FIGURES=${FIGURES:-docs/figures}
+        NOTE="Each method with its paper's protocol on LA (bash reproduce.sh)."
     fi
-    LABELNUMS=${QUICK_LABELNUMS:-"4"}
-    DATASET_TAG=quickstart_synthetic
-    for method in "${!ITERATIONS[@]}"; do ITERATIONS[$method]=${QUICK_ITERATIONS:-20}; done
-    COMMON+=(--patch_size 64 64 32 --batch_size 2 --stride_xy 16 --stride_z 8)
+else
+    echo "No dataset at $DATA_ROOT (see data/README.md). Quick start on synthetic data instead."
+    PROTOCOL=quickstart_synthetic
+    DATA_ROOT=${SYNTHETIC_ROOT:-data/synthetic_LA}
+    if [ ! -f "$DATA_ROOT/train.list" ]; then
+        # shellcheck disable=SC2086
+        "$PYTHON" code/dataloaders/synthetic.py --out "$DATA_ROOT" --num_cases 20 --num_test 4 \
+            --shape ${SYNTHETIC_SHAPE:-96 96 48} --seed 0 || exit 1
+    fi
     QUICK=1
+    LABELNUMS=${LABELNUMS:-${QUICK_LABELNUMS:-4}}
+    QUICK_ITERATIONS=${QUICK_ITERATIONS:-20}
+    QUICK_PATCH=${QUICK_PATCH:-"64 64 32"}
+    QUICK_STRIDE=${QUICK_STRIDE:-"16 8"}
+    NOTE="Synthetic quick start (no dataset found): it shows that the pipeline works; the numbers mean nothing."
+fi
+OUTPUT_ROOT=${OUTPUT_ROOT:-model/reproduce/$PROTOCOL}
+RESULTS=${RESULTS:-$OUTPUT_ROOT/results.md}
+FIGURES=${FIGURES:-$OUTPUT_ROOT/figures}
+COMMON=(--root_path "$DATA_ROOT" --output_root "$OUTPUT_ROOT" --device "$DEVICE" --no_eval)
+if [ "$QUICK" = 1 ]; then
+    read -r stride_xy stride_z <<< "$QUICK_STRIDE"
+    # shellcheck disable=SC2206
+    COMMON+=(--patch_size $QUICK_PATCH --stride_xy "$stride_xy" --stride_z "$stride_z" --batch_size 2)
 fi
 
+scaled() {  # scaled VALUE FROM TO: VALUE x TO / FROM, rounded, at least 1 (a schedule shrunk to a shorter run)
+    awk -v v="$1" -v from="$2" -v to="$3" 'BEGIN { s = v * to / from; if (s < 1) s = 1; print int(s + 0.5) }'
+}
+
+schedule_args() {  # schedule_args METHOD: iterations and the schedule flags of the protocol
+    local method=$1 iterations=${ITERATIONS[$1]}
+    if [ "$QUICK" != 1 ]; then
+        echo "--max_iterations $iterations"
+        return
+    fi
+    local args="--max_iterations $QUICK_ITERATIONS"
+    [ "${LR_STEP[$method]}" != 0 ] && args+=" --lr_step $(scaled "${LR_STEP[$method]}" "$iterations" "$QUICK_ITERATIONS")"
+    [ "$method" != supervised ] && args+=" --iterations_per_epoch $(awk -v e="$RAMP_EPOCH" -v from="$iterations" \
+        -v to="$QUICK_ITERATIONS" 'BEGIN { print e * to / from }')"
+    [ "$method" = ucseg ] && args+=" --mix_start $(scaled "$UCSEG_MIX_START" "$iterations" "$QUICK_ITERATIONS")"
+    echo "$args"
+}
+
+count_cases() {  # count_cases LIST: non-empty lines
+    grep -c . "$1"
+}
+
 failed=()
-results=()
+run_one() {  # run_one METHOD LABELNUM SEED: train (or resume, or skip) and evaluate one run
+    local method=$1 labelnum=$2 seed=$3 script=${SCRIPT[$1]:-}
+    if [ -z "$script" ]; then
+        echo "!! unknown method '$method' (known: ${!SCRIPT[*]})"; failed+=("$method"); return
+    fi
+    local exp="${PROTOCOL}_seed${seed}/${EXP[$method]}"
+    local run="$OUTPUT_ROOT/${exp}_${labelnum}/${MODEL[$method]}"
+    local schedule
+    schedule=$(schedule_args "$method")
+    local iterations=${schedule#--max_iterations }
+    iterations=${iterations%% *}
+    # shellcheck disable=SC2206
+    local args=(--exp "$exp" --labelnum "$labelnum" --seed "$seed" $schedule "${COMMON[@]}" $EXTRA_ARGS)
+    [ "$QUICK" = 1 ] && [ "$method" != supervised ] && args+=(--labeled_bs 1)  # batches of 1 + 1 crops
+    if [ -f "$run/iter_${iterations}.pth" ]; then
+        echo "== $method, $labelnum labels, seed $seed: trained already ($run)"
+    else
+        [ -f "$run/latest.pth" ] && args+=(--resume)
+        echo "== $method, $labelnum labels, seed $seed: training -> $run"
+        if ! "$PYTHON" "code/$script" "${args[@]}"; then
+            echo "!! $method, $labelnum labels, seed $seed: training failed"
+            failed+=("$method/$labelnum/$seed"); return
+        fi
+    fi
+    if ls -d "$run"/eval_iter_"${iterations}"* >/dev/null 2>&1; then
+        echo "== evaluated already: $(ls -d "$run"/eval_iter_"${iterations}"* | head -n 1)"
+    elif ! "$PYTHON" code/test_3D.py --run "$run" --device "$DEVICE"; then
+        echo "!! $method, $labelnum labels, seed $seed: evaluation failed"
+        failed+=("$method/$labelnum/$seed")
+    fi
+}
+
+started=$(date +%s)
+all_labels=$(count_cases "$DATA_ROOT/train.list")
 for seed in $SEEDS; do
     for labelnum in $LABELNUMS; do
         for method in $METHODS; do
-            script=${SCRIPT[$method]:-}
-            if [ -z "$script" ]; then
-                echo "unknown method '$method' (known: ${!SCRIPT[*]})"; failed+=("$method"); continue
-            fi
-            exp="${DATASET_TAG}_seed${seed}/${EXP[$method]}"
-            run="model/${exp}_${labelnum}/${MODEL[$method]}"
-            iterations=${ITERATIONS[$method]}
-            args=(--root_path "$DATA_ROOT" --exp "$exp" --labelnum "$labelnum" --seed "$seed"
-                  --max_iterations "$iterations" --no_eval "${COMMON[@]}")
-            # shellcheck disable=SC2206
-            [ "$QUICK" = 1 ] && args+=(${QUICK_ARGS[$method]})
-            # shellcheck disable=SC2206
-            args+=($EXTRA_ARGS)
-            if [ -f "$run/iter_${iterations}.pth" ]; then
-                echo "== $method, $labelnum labels, seed $seed: trained already ($run)"
-            else
-                [ -f "$run/latest.pth" ] && args+=(--resume)
-                echo "== $method, $labelnum labels, seed $seed: training -> $run"
-                if ! "$PYTHON" "code/$script" "${args[@]}"; then
-                    echo "!! $method, $labelnum labels, seed $seed: training failed"
-                    failed+=("$method/$labelnum/$seed"); continue
-                fi
-            fi
-            if ls -d "$run"/eval_iter_"${iterations}"* >/dev/null 2>&1; then
-                echo "== evaluated already: $(ls -d "$run"/eval_iter_"${iterations}"* | head -n 1)"
-            elif ! "$PYTHON" code/test_3D.py --run "$run" --device "$DEVICE"; then
-                echo "!! $method, $labelnum labels, seed $seed: evaluation failed"
-                failed+=("$method/$labelnum/$seed"); continue
-            fi
-            results+=("$run")
+            run_one "$method" "$labelnum" "$seed"
         done
     done
+    if [ "$UPPER_BOUND" = 1 ] && [[ " $METHODS " == *" supervised "* ]]; then
+        run_one supervised "$all_labels" "$seed"
+    fi
 done
+minutes=$(( ($(date +%s) - started + 59) / 60 ))
 
 echo
-echo "Results (mean over test cases; Dice/Jaccard in %, 95HD/ASD in voxels):"
-for run in "${results[@]}"; do
-    "$PYTHON" - "$run" <<'PY'
-import json, sys
-from pathlib import Path
-run = Path(sys.argv[1])
-summary = sorted(run.glob("eval_iter_*"))[0] / "summary.json"
-s = json.loads(summary.read_text())
-fmt = lambda m, k=1: "nan" if s[m]["mean"] is None else f"{k * s[m]['mean']:.2f}"
-print(f"  {str(run):60s} Dice {fmt('dice', 100)}  Jaccard {fmt('jaccard', 100)}  95HD {fmt('hd95')}  "
-      f"ASD {fmt('asd')}  ({s['num_cases']} cases, LCC {'on' if s['protocol']['nms'] else 'off'})")
-PY
-done
+if ! "$PYTHON" code/utils/summarize.py --model_dir "$OUTPUT_ROOT" --out "$RESULTS" \
+        --title "Results: $PROTOCOL" --note "$NOTE Wall time of this reproduce.sh call: $minutes min."; then
+    failed+=("summary")
+elif [ "$PLOTS" = 1 ] && ! "$PYTHON" code/utils/plots.py --model_dir "$OUTPUT_ROOT" --out "$FIGURES" \
+        --device "$DEVICE"; then
+    failed+=("figures")
+fi
 if [ ${#failed[@]} -gt 0 ]; then
     echo "FAILED: ${failed[*]}"
     exit 1
 fi
+echo "Results in $RESULTS$([ "$PLOTS" = 1 ] && echo ", figures in $FIGURES") ($minutes min)"

@@ -1,11 +1,13 @@
 """Benchmarks on real LA data: sliding-window inference (ours vs the anchors' loop), training iterations
-of the supervised baseline (the real script vs a bare loop), and the iteration cost of each method script
-relative to the supervised script. What they measure: docs/benchmarks.md.
+of the supervised baseline (the real script vs a bare loop), the iteration cost of each method script
+relative to the supervised script, and each method's inference time per LA case. What they measure:
+docs/benchmarks.md.
 
     python code/benchmark.py --root_path /work/shared/data/LA --json benchmark.json
     python code/benchmark.py --only inference --repeats 3
     python code/benchmark.py --only training --rounds 3 --iterations 4
     python code/benchmark.py --only methods --methods ugmcl --rounds 3 --iterations 3
+    python code/benchmark.py --only evaluation --repeats 2
 
 Everything runs on the CPU. Each comparison alternates its two variants in one invocation (A B A B ...)
 and reports the median of the ratios of neighbouring runs, so load from other users of the machine falls
@@ -20,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import concurrent.futures  # noqa: E402
 import datetime as dt  # noqa: E402
+import importlib  # noqa: E402
 import json  # noqa: E402
 import multiprocessing  # noqa: E402
 import os  # noqa: E402
@@ -42,6 +45,7 @@ from networks.vnet import VNet  # noqa: E402
 from utils.checkpoint import load_checkpoint  # noqa: E402
 from utils.cli import ArgumentParser, resolve_path, run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
+from utils.evaluation import prepare_for_inference  # noqa: E402
 from utils.sliding_window import (channels_last, keep_freed_memory, padding_for,  # noqa: E402
                                   reference_sliding_window, sliding_window_inference, window_corners)
 
@@ -64,8 +68,8 @@ LOG_LINE = re.compile(r"^\[(\d\d):(\d\d):(\d\d)\.(\d{3})\] iteration (\d+) :")
 def get_parser():
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root_path", default="data/LA", help="LA data root (default: data/LA)")
-    parser.add_argument("--only", choices=("inference", "training", "methods"), default=None,
-                        help="run one benchmark (default: all three)")
+    parser.add_argument("--only", choices=("inference", "training", "methods", "evaluation"), default=None,
+                        help="run one benchmark (default: all four)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--threads", type=int, default=None,
@@ -93,12 +97,14 @@ def get_parser():
     methods = parser.add_argument_group("methods (uses --rounds, --iterations, --warmup)")
     methods.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=sorted(METHODS),
                          help="method scripts to time against the supervised script (default: all)")
+    methods.add_argument("--eval_repeats", type=int, default=2,
+                         help="evaluation: rounds over the scripts, one inference of the case each (default: 2)")
     return parser
 
 
 def check_args(args):
     """One-line errors for counts that leave nothing to measure."""
-    for flag in ("repeats", "rounds", "sw_batch_size"):
+    for flag in ("repeats", "rounds", "sw_batch_size", "eval_repeats"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.warmup < 1 or args.iterations <= args.warmup:
@@ -452,6 +458,56 @@ def bench_methods(args):
     return result
 
 
+# -- evaluation: each method's inference on one LA case --------------------------------------------------------
+def method_inference_setup(script, args):
+    """In a method's worker process: the script's networks (seeded random weights; the time does not depend on
+    them) with its own ``predict``, patch and inference preparation, and the LA case; one warm-up window batch."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    module = importlib.import_module(Path(script).stem)
+    script_args = module.get_parser().parse_args([])
+    patch = tuple(script_args.patch_size or PATCH)
+    script_args.patch_size = list(patch)
+    torch.manual_seed(args.seed)
+    nets = module.build_networks(script_args)
+    prepare_for_inference(nets, CPU)
+    case_id, image = load_test_case(args.root_path, args.case)
+    with torch.inference_mode():
+        module.predict(nets, torch.zeros((args.sw_batch_size, 1) + patch))
+    _WORKER["run"] = lambda: sliding_window_inference(lambda x: module.predict(nets, x), image, patch, STRIDE_XY,
+                                                      STRIDE_Z, NUM_CLASSES, CPU, sw_batch_size=args.sw_batch_size)
+    padded = [s + left + right for s, (left, right) in zip(image.shape, padding_for(image.shape, patch))]
+    return {"case": case_id, "shape": list(image.shape), "patch": list(patch),
+            "windows": len(window_corners(padded, patch, STRIDE_XY, STRIDE_Z))}
+
+
+def bench_evaluation(args):
+    """Seconds of one sliding-window inference of a full LA case at stride 18/4 per method script (the bulk of
+    ``test_3D.py``'s time per case; the metrics come on top), each script in a fresh worker process, the
+    scripts taken in turn ``--eval_repeats`` times."""
+    scripts = {"supervised": "train_supervised_3D.py", **{m: METHODS[m][0] for m in args.methods}}
+    facts, seconds = {}, {name: [] for name in scripts}
+    for _ in range(args.eval_repeats):
+        for name, script in scripts.items():
+            with worker_pool() as pool:  # one process at a time: eight would not fit in memory together
+                facts[name] = pool.submit(method_inference_setup, script, args).result()
+                seconds[name].append(pool.submit(inference_repeat).result()["seconds"])
+    return {"case": facts["supervised"]["case"], "shape": facts["supervised"]["shape"],
+            "stride_xy": STRIDE_XY, "stride_z": STRIDE_Z, "sw_batch_size": args.sw_batch_size,
+            "facts": facts, "seconds": seconds,
+            "median_seconds": {name: statistics.median(values) for name, values in seconds.items()}}
+
+
+def evaluation_rows(result):
+    rows = [("case", f"{result['case']} {'x'.join(map(str, result['shape']))}, stride "
+                     f"{result['stride_xy']}/{result['stride_z']}, sw_batch_size {result['sw_batch_size']}", "")]
+    for name, median in result["median_seconds"].items():
+        facts = result["facts"][name]
+        rows.append((name, f"{median:.2f} s/case ({facts['windows']} windows of "
+                           f"{'x'.join(map(str, facts['patch']))}; runs: {_runs(result['seconds'][name])})", ""))
+    return rows
+
+
 # -- report -------------------------------------------------------------------------------------------------
 def verdict(ok):
     return "PASS" if ok else "FAIL"
@@ -555,6 +611,9 @@ def main(argv=None):
     if args.only in (None, "methods"):
         report["methods"] = bench_methods(args)
         print_table("method iteration cost (each against the supervised script)", methods_rows(report["methods"]))
+    if args.only in (None, "evaluation"):
+        report["evaluation"] = bench_evaluation(args)
+        print_table("inference per LA case (each method's predict)", evaluation_rows(report["evaluation"]))
     report["machine"]["loadavg_end"] = list(os.getloadavg())
     if args.json:
         path = resolve_path(args.json, Path.cwd())

@@ -36,8 +36,9 @@ if CODE_DIR not in sys.path:
 import numpy as np
 
 from dataloaders.brats2019 import SPLIT_FILES, BraTS2019
-from dataloaders.conversion import (NIFTI_SUFFIXES, choose_splits, convert_dataset, extent, nifti_stem,
-                                    read_image, require_foreground, require_sources, summary, to_array, zscore)
+from dataloaders.conversion import (NIFTI_SUFFIXES, add_split_args, choose_splits, convert_dataset, extent,
+                                    nifti_stem, read_image, require_foreground, require_sources, split_counts,
+                                    summary, to_array, zscore)
 from utils.cli import REPO_ROOT, ArgumentParser, resolve_path, run_cli
 from utils.errors import DataError
 
@@ -139,23 +140,15 @@ def parse_args(argv=None):
                              "searched recursively")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="output folder, relative to the current directory (default: data/BraTS2019)")
-    parser.add_argument("--split_dir", default=None,
-                        help="folder with train.txt, val.txt and test.txt to use (e.g. ../shared/data/BraTS2019, "
-                             "the SSL4MIS lists); only their cases are converted. Default: a seeded split")
-    for split, count in SPLIT_COUNTS.items():
-        parser.add_argument(f"--num_{split}", type=int, default=count,
-                            help=f"seeded split: cases in {SPLIT_FILES[split]} (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seeded split: shuffling seed (default: 0)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="write into a non-empty folder, replacing only the files written here")
+    add_split_args(parser, SPLIT_FILES, SPLIT_COUNTS, "the SSL4MIS lists")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     split_dir = resolve_path(args.split_dir) if args.split_dir else None
-    counts = {split: getattr(args, f"num_{split}") for split in SPLIT_COUNTS}
-    convert_brats(resolve_path(args.src), args.out, split_dir, counts, args.seed, args.overwrite)
+    convert_brats(resolve_path(args.src), args.out, split_dir, split_counts(args, SPLIT_COUNTS), args.seed,
+                  args.overwrite)
 
 
 if __name__ == "__main__":

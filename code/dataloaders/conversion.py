@@ -188,3 +188,23 @@ def summary(out_dir, splits, split_files, cases):
     ranges = " x ".join(f"{lo}" if lo == hi else f"{lo}-{hi}" for lo, hi in zip(low, high))
     counts = ", ".join(f"{len(splits[split])} in {name}" for split, name in split_files.items())
     return f"converted {len(cases)} cases to {out_dir} ({counts}); shapes {ranges}"
+
+
+def add_split_args(parser, split_files, split_counts, lists):
+    """The flags both converters share: ``--split_dir`` (existing lists, e.g. ``lists``), ``--num_<split>`` and
+    ``--seed`` for a seeded split instead, ``--overwrite``."""
+    names = ", ".join(split_files[split] for split in split_counts)
+    parser.add_argument("--split_dir", default=None,
+                        help=f"folder with {names} to use ({lists}); only their cases are converted. "
+                             "Default: a seeded split")
+    for split, count in split_counts.items():
+        parser.add_argument(f"--num_{split}", type=int, default=count,
+                            help=f"seeded split: cases in {split_files[split]} (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seeded split: shuffling seed (default: 0)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty folder, replacing only the files written here")
+
+
+def split_counts(args, defaults):
+    """``{split: --num_<split>}`` of parsed ``args``."""
+    return {split: getattr(args, f"num_{split}") for split in defaults}

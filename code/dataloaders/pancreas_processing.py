@@ -41,8 +41,9 @@ if CODE_DIR not in sys.path:
 import numpy as np
 import SimpleITK as sitk
 
-from dataloaders.conversion import (choose_splits, convert_dataset, extent, nifti_stem, read_dicom_series,
-                                    read_image, require_foreground, require_sources, summary, to_array, zscore)
+from dataloaders.conversion import (add_split_args, choose_splits, convert_dataset, extent, nifti_stem,
+                                    read_dicom_series, read_image, require_foreground, require_sources,
+                                    split_counts, summary, to_array, zscore)
 from dataloaders.pancreas import SPLIT_FILES, Pancreas
 from dataloaders.resample import resample_volume, target_shape
 from utils.cli import REPO_ROOT, ArgumentParser, resolve_path, run_cli
@@ -204,28 +205,20 @@ def parse_args(argv=None):
     parser.add_argument("--labels", required=True, help="folder holding label0001.nii.gz ..., searched recursively")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="output folder, relative to the current directory (default: data/Pancreas)")
-    parser.add_argument("--split_dir", default=None,
-                        help="folder with train.list and test.list to use (e.g. ../shared/data/Pancreas, the "
-                             "DTC / MC-Net lists); only their cases are converted. Default: a seeded split")
-    for split, count in SPLIT_COUNTS.items():
-        parser.add_argument(f"--num_{split}", type=int, default=count,
-                            help=f"seeded split: cases in {SPLIT_FILES[split]} (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seeded split: shuffling seed (default: 0)")
+    add_split_args(parser, SPLIT_FILES, SPLIT_COUNTS, "the DTC / MC-Net lists")
     parser.add_argument("--crop_min_size", type=int, default=CROP_MIN_SIZE,
                         help="x/y crop: the label's box is widened to at least this size (default: %(default)s)")
     parser.add_argument("--crop_margin", type=int, default=CROP_MARGIN,
                         help="x/y crop: voxels added on each side of the widened box (default: %(default)s)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="write into a non-empty folder, replacing only the files written here")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     split_dir = resolve_path(args.split_dir) if args.split_dir else None
-    counts = {split: getattr(args, f"num_{split}") for split in SPLIT_COUNTS}
-    convert_pancreas(resolve_path(args.images), resolve_path(args.labels), args.out, split_dir, counts, args.seed,
-                     args.crop_min_size, args.crop_margin, args.overwrite)
+    convert_pancreas(resolve_path(args.images), resolve_path(args.labels), args.out, split_dir,
+                     split_counts(args, SPLIT_COUNTS), args.seed, args.crop_min_size, args.crop_margin,
+                     args.overwrite)
 
 
 if __name__ == "__main__":

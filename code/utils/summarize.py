@@ -1,0 +1,499 @@
+"""Collect every run under a model folder into one markdown results table, next to the published numbers.
+
+    python code/utils/summarize.py --model_dir model --out docs/results.md [--title "..."] [--note "..."]
+
+A run is a directory holding ``config.json`` (written by ``utils.run.TrainingRun``); ``reproduce.sh`` puts
+them at ``model/<tag>_seed<seed>/<EXP>_<labelnum>/<model>/``. Runs that differ only in their seed form one
+row per (data tag, method, labelled count, protocol): each metric cell is the mean and the sample standard
+deviation (n - 1) over seeds of the per-run test-set means read from ``eval_<final checkpoint>*/summary.json``.
+A run without such an evaluation (training failed or unfinished, or never evaluated) is reported as
+"failed / not evaluated" with its reason and never contributes a number. Folders moved aside by
+``--overwrite`` (``<run>.old-<time>``) are not runs of the summary.
+
+Published numbers are the ones quoted, with their sources, in ``docs/methods/*.md`` (:data:`PUBLISHED`); they
+are shown only for rows whose data tag is the dataset's name (``LA``, as ``reproduce.sh`` tags runs on the real
+data), never next to the synthetic quick start or a resampled copy.
+Relative paths are taken as the project's scripts do: ``--model_dir`` from the working directory when it exists
+there, else from the repository root; ``--out`` always from the repository root.
+"""
+import json
+import re
+import statistics
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CODE_DIR = str(Path(__file__).resolve().parents[1])
+if CODE_DIR not in sys.path:
+    sys.path.insert(0, CODE_DIR)
+
+from utils.cli import REPO_ROOT, ArgumentParser, resolve_path, run_cli  # noqa: E402
+from utils.errors import UserError  # noqa: E402
+
+FAILED = "failed / not evaluated"
+UPPER_BOUND = "V-Net (all labels)"
+METRIC_COLUMNS = (("dice", "Dice (%)", 100), ("jaccard", "Jaccard (%)", 100), ("hd95", "95HD", 1),
+                  ("asd", "ASD", 1))
+SUMMARY_KEYS = ("dice", "jaccard", "hd95", "asd", "num_cases", "protocol")
+PROTOCOL_KEYS = ("checkpoint", "patch_size", "stride_xy", "stride_z", "nms")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A training script as the table names it: ``key`` indexes :data:`PUBLISHED` and ``docs/methods/``;
+    ``exp`` and ``model`` are the experiment name and network ``reproduce.sh`` gives it, so that a run made
+    with other ones (an ablation) gets them added to its label instead of being averaged with the default."""
+
+    key: str
+    name: str
+    exp: str
+    model: str
+
+
+METHODS = {
+    "train_supervised_3D": Method("supervised", "Supervised V-Net", "Supervised", "vnet"),
+    "train_mt_3D": Method("mt", "Mean teacher", "MT", "vnet"),
+    "train_uamt_3D": Method("uamt", "UA-MT", "UAMT", "vnet"),
+    "train_dtc_3D": Method("dtc", "DTC", "DTC", "vnet_sdf"),
+    "train_cps_3D": Method("cps", "CPS", "CPS", "vnet"),
+    "train_ugmcl_3D": Method("ugmcl", "UG-MCL", "UGMCL", "vnet_sdf"),
+    "train_ucseg_3D": Method("ucseg", "UC-Seg", "UCSeg", "unet_3D_vnet"),
+    "train_ugpl_3D": Method("ugpl", "UGPL", "UGPL", "resnet_vnet"),
+}
+
+
+@dataclass(frozen=True)
+class Published:
+    """One published result; values are the strings the method doc prints (None where it prints "-"), so
+    nothing is rounded, re-formatted or filled in on the way."""
+
+    dice: str
+    jaccard: str
+    hd95: str
+    asd: str
+    source: str
+
+
+# (method key, dataset, labelled cases) -> results, copied from the "Published numbers" section of
+# docs/methods/<key>.md. Kept here rather than in a JSON file so that each entry can say, in a comment,
+# where it was copied from, and so that the table is checked by the same tools as the code that reads it.
+# Every number the docs quote is here; methods whose doc quotes none (CPS, UC-Seg) have no entry.
+PUBLISHED = {
+    # docs/methods/supervised.md: ssl4mis-family.md table B (SS-Net authors' re-run, 15000 iterations, LCC on)
+    ("supervised", "LA", 4): (Published("52.55", "39.60", "47.05", "9.87",
+                                        "SS-Net authors' V-Net re-run (docs/methods/supervised.md)"),),
+    ("supervised", "LA", 8): (Published("82.74", "71.70", "13.33", "3.26",
+                                        "SS-Net authors' V-Net re-run (docs/methods/supervised.md)"),),
+    # docs/methods/ugmcl.md, paper Table 3 (supervised row)
+    ("supervised", "LA", 16): (Published("86.03", "76.06", "14.26", "3.51",
+                                         "UG-MCL paper Table 3 (docs/methods/ugmcl.md)"),),
+    # upper bound: docs/methods/supervised.md table B row 80 (ranges as printed) and docs/methods/ugmcl.md
+    ("supervised", "LA", 80): (
+        Published("about 91.4-91.5", "84.4-84.6", "5.48", "about 1.5 (two sources disagree)",
+                  "SS-Net authors' V-Net re-run (docs/methods/supervised.md)"),
+        Published("91.14", "83.82", "5.75", "1.52", "UG-MCL paper Table 3 (docs/methods/ugmcl.md)"),
+    ),
+    # docs/methods/mt.md
+    ("mt", "LA", 16): (Published("88.23", "79.29", "10.64", "2.73",
+                                 "UG-MCL Table 3, its re-run (docs/methods/mt.md)"),),
+    # docs/methods/uamt.md
+    ("uamt", "LA", 16): (Published("88.88", "80.21", "7.32", "2.26",
+                                   "UA-MT paper via DTC's README (docs/methods/uamt.md)"),),
+    ("uamt", "LA", 8): (
+        Published("84.25", "73.48", "13.84", "3.36", "DTC's README (docs/methods/uamt.md)"),
+        Published("87.79", "78.39", "8.68", "2.12",
+                  "SS-Net's re-run, 15000 iterations, best checkpoint on the test set (docs/methods/uamt.md)"),
+        Published("85.81", "75.41", "18.25", "5.04", "BCP/CAML tables (docs/methods/uamt.md)"),
+    ),
+    ("uamt", "LA", 4): (Published("82.26", "70.98", "13.71", "3.82", "SS-Net's re-run (docs/methods/uamt.md)"),),
+    # docs/methods/dtc.md
+    ("dtc", "LA", 16): (Published("89.42", "80.98", "7.32", "2.10", "DTC's README (docs/methods/dtc.md)"),),
+    ("dtc", "LA", 8): (
+        Published("87.51", "78.17", "8.23", "2.36", "DTC's README (docs/methods/dtc.md)"),
+        Published("84.55", "73.91", "13.80", "3.69", "BCP/CAML tables (docs/methods/dtc.md)"),
+    ),
+    ("dtc", "LA", 4): (Published("81.25", "69.33", "14.90", "3.99", "SS-Net's re-run (docs/methods/dtc.md)"),),
+    # docs/methods/ugmcl.md, paper Table 3 (the 8-label result is only a plot, Fig. 4)
+    ("ugmcl", "LA", 16): (Published("90.16", "82.18", "6.50", "1.98",
+                                    "UG-MCL paper Table 3 (docs/methods/ugmcl.md)"),),
+    ("ugmcl", "BraTS2019", 25): (Published("82.82", "72.77", "11.29", "2.30",
+                                           "UG-MCL paper Table 4 (docs/methods/ugmcl.md)"),),
+    ("ugmcl", "BraTS2019", 50): (Published("83.61", "73.98", "11.44", "2.26",
+                                           "UG-MCL paper Table 4 (docs/methods/ugmcl.md)"),),
+    # docs/methods/ugpl.md: the abstract gives the Dice only
+    ("ugpl", "LA", 8): (Published("89.95", None, None, None, "UGPL abstract (docs/methods/ugpl.md)"),),
+}
+
+
+@dataclass
+class Run:
+    """One run directory: its configuration, the evaluation chosen for it, or why there is none."""
+
+    path: Path
+    name: str
+    script: str
+    args: dict
+    tag: str
+    variant: str
+    eval_dir: Path = None
+    summary: dict = None
+    problem: str = None
+
+    @property
+    def seed(self):
+        return self.args["seed"]
+
+    @property
+    def labelnum(self):
+        return self.args["labelnum"]
+
+    @property
+    def final_checkpoint(self):
+        return f"iter_{self.args['max_iterations']}.pth"
+
+
+@dataclass
+class Row:
+    """One line of the table: the runs of one configuration and evaluation protocol, one per seed."""
+
+    tag: str
+    method: Method
+    label: str
+    labelnum: int
+    dataset: str
+    runs: list
+    failed: list
+    tag_seeds: list
+    upper_bound: bool = False
+
+
+@dataclass
+class Results:
+    """Everything the table (and ``plots.py``) needs: the rows and the notes that go under the table."""
+
+    model_dir: Path
+    rows: list
+    num_runs: int
+    notes: list = field(default_factory=list)
+
+
+# -- reading runs ------------------------------------------------------------------------------------------
+def find_run_dirs(model_dir):
+    """Every directory under ``model_dir`` with a ``config.json``, except ``--overwrite`` leftovers."""
+    configs = sorted(Path(model_dir).rglob("config.json"))
+    return [c.parent for c in configs if not any(".old-" in part for part in c.relative_to(model_dir).parts)]
+
+
+def experiment_names(args):
+    """``(data tag, variant)`` from ``--exp``: ``LA_seed1337/UGMCL`` gives ``("LA", "UGMCL")`` (the run's own
+    seed suffix is dropped, so that seeds group); an ``--exp`` without a folder is tagged with ``--dataset``."""
+    head, _, tail = args["exp"].rpartition("/")
+    if not head:
+        return args["dataset"], tail
+    return re.sub(rf"_seed{args['seed']}$", "", head), tail
+
+
+def read_run(run_dir, model_dir):
+    """The :class:`Run` of ``run_dir`` with its evaluation chosen; raises ``ValueError`` on a configuration
+    that cannot be read."""
+    config = json.loads((run_dir / "config.json").read_text())
+    args = config["args"]
+    for key in ("exp", "seed", "labelnum", "max_iterations", "dataset", "model", "nms"):
+        if key not in args:
+            raise ValueError(f"no args.{key}")
+    tag, variant = experiment_names(args)
+    run = Run(run_dir, str(run_dir.relative_to(model_dir)), config["script"], args, tag, variant)
+    run.eval_dir, run.summary, run.problem = choose_evaluation(run)
+    return run
+
+
+def read_summary(eval_dir):
+    """``summary.json`` of an evaluation folder, or None when it is missing or unreadable."""
+    try:
+        summary = json.loads((eval_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    complete = isinstance(summary, dict) and all(key in summary for key in SUMMARY_KEYS) \
+        and all(key in summary["protocol"] for key in PROTOCOL_KEYS)
+    return summary if complete else None
+
+
+def eval_index(folder_name, checkpoint):
+    """The ``N`` of an evaluation folder ``eval_<checkpoint stem>[_nms][_N]`` of ``checkpoint`` (1 without
+    suffix), or None for a folder of another checkpoint (``eval_iter_200`` is not one of ``iter_20.pth``)."""
+    stem = re.escape(Path(checkpoint).stem)
+    match = re.fullmatch(rf"eval_{stem}(?:_nms)?(?:_(\d+))?", folder_name)
+    return int(match[1] or 1) if match else None
+
+
+def evaluations(run):
+    """``[(folder, summary)]`` of the test-set evaluations of the run's final checkpoint."""
+    found = []
+    for folder in sorted(run.path.glob("eval_*")):
+        summary = read_summary(folder) if eval_index(folder.name, run.final_checkpoint) else None
+        if summary and summary["protocol"]["checkpoint"] == run.final_checkpoint \
+                and summary["protocol"].get("split", "test") == "test":
+            found.append((folder, summary))
+    return found
+
+
+def evaluation_preference(run, folder, summary):
+    """Sort key of an evaluation: the run's own protocol first (LCC as ``args.nms`` says, its patch and
+    strides), voxel units (the papers'), the most cases, then the first made (``eval_x`` before ``eval_x_2``)."""
+    protocol, args = summary["protocol"], run.args
+    return (protocol["nms"] != bool(args["nms"]),
+            [protocol["patch_size"], protocol["stride_xy"], protocol["stride_z"]]
+            != [args.get("patch_size"), args.get("stride_xy"), args.get("stride_z")],
+            protocol.get("units") != "voxels", -summary["num_cases"], eval_index(folder.name, run.final_checkpoint))
+
+
+def choose_evaluation(run):
+    """``(folder, summary, None)`` of the evaluation the table uses, or ``(None, None, why there is none)``."""
+    found = evaluations(run)
+    if found:
+        folder, summary = min(found, key=lambda item: evaluation_preference(run, *item))
+        return folder, summary, None
+    if not (run.path / run.final_checkpoint).is_file():
+        return None, None, f"no final checkpoint {run.final_checkpoint} (training failed or unfinished)"
+    return None, None, f"{run.final_checkpoint} has no test evaluation (eval_{Path(run.final_checkpoint).stem}*)"
+
+
+def count_training_cases(run):
+    """Training cases of the run's data: lines of ``<root_path>/train.list``, else the log's ``L labelled +
+    U unlabelled cases`` line; None when neither is there."""
+    root = run.args.get("root_path")
+    train_list = Path(root) / "train.list" if root else None
+    if train_list and train_list.is_file():
+        return sum(1 for line in train_list.read_text().splitlines() if line.strip())
+    log = run.path / "log.txt"
+    match = re.search(r"(\d+) labelled \+ (\d+) unlabelled cases", log.read_text()) if log.is_file() else None
+    return int(match[1]) + int(match[2]) if match else None
+
+
+def collect(model_dir):
+    """Read every run under ``model_dir`` and group them into table rows (:class:`Results`)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise UserError(f"model folder {model_dir} not found")
+    runs, notes = [], []
+    for run_dir in find_run_dirs(model_dir):
+        try:
+            runs.append(read_run(run_dir, model_dir))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            notes.append(f"`{run_dir.relative_to(model_dir)}`: config.json cannot be read ({exc}); left out")
+    if not runs:
+        raise UserError(f"no runs under {model_dir} (no config.json in any folder)")
+    runs, duplicates = drop_duplicate_seeds(runs)
+    notes += duplicates
+    return Results(model_dir, group_rows(runs), len(runs), notes + run_notes(runs))
+
+
+def drop_duplicate_seeds(runs):
+    """Keep one run per (configuration, seed) (the first by path), so that no seed counts twice; return the
+    runs kept and a note for each one left out."""
+    kept, notes, seen = [], [], {}
+    for run in runs:
+        key = config_key(run) + (run.seed,)
+        if key in seen:
+            notes.append(f"`{run.name}`: same configuration and seed as `{seen[key].name}`; left out")
+        else:
+            seen[key] = run
+            kept.append(run)
+    return kept, notes
+
+
+# -- grouping ----------------------------------------------------------------------------------------------
+def config_key(run):
+    """What must be equal for runs to be seeds of one experiment."""
+    return (run.tag, run.variant, run.script, run.args["model"], run.labelnum, run.args["max_iterations"])
+
+
+def protocol_key(run):
+    """What must be equal for evaluations to be averaged: patch, strides, LCC, units, number of test cases."""
+    protocol = run.summary["protocol"]
+    return (tuple(protocol["patch_size"]), protocol["stride_xy"], protocol["stride_z"], protocol["nms"],
+            protocol.get("units"), run.summary["num_cases"])
+
+
+def method_of(run):
+    """The :class:`Method` of the run's script (an unknown script is named after itself)."""
+    return METHODS.get(run.script, Method(run.script, run.script, run.variant, run.args["model"]))
+
+
+def method_label(run, method, upper_bound):
+    """The method column: its name, plus the experiment or network when they are not ``reproduce.sh``'s."""
+    extras = [f"exp {run.variant}"] if run.variant != method.exp else []
+    extras += [f"model {run.args['model']}"] if run.args["model"] != method.model else []
+    name = UPPER_BOUND if upper_bound else method.name
+    return f"{name} ({', '.join(extras)})" if extras else name
+
+
+def group_rows(runs):
+    """Rows of the table, sorted by data tag, labelled count and method: one per configuration and evaluation
+    protocol; a configuration whose runs all failed gets one row of its own."""
+    tag_seeds = defaultdict(set)
+    for run in runs:
+        tag_seeds[run.tag].add(run.seed)
+    case_counts = {}
+    configs = defaultdict(list)
+    for run in runs:
+        configs[config_key(run)].append(run)
+    rows = []
+    for group in configs.values():
+        first = group[0]
+        root = first.args.get("root_path")
+        if root not in case_counts:
+            case_counts[root] = count_training_cases(first)
+        method = method_of(first)
+        upper = method.key == "supervised" and first.labelnum == case_counts[root]
+        failed = sorted((r for r in group if r.summary is None), key=lambda r: r.seed)
+        protocols = defaultdict(list)
+        for run in (r for r in group if r.summary is not None):
+            protocols[protocol_key(run)].append(run)
+        for evaluated in (list(protocols.values()) or [[]]):
+            rows.append(Row(first.tag, method, method_label(first, method, upper), first.labelnum,
+                            first.args["dataset"], sorted(evaluated, key=lambda r: r.seed), failed,
+                            sorted(tag_seeds[first.tag]), upper))
+    return sorted(rows, key=row_order)
+
+
+def row_order(row):
+    """Sort key of a row: data tag, labelled count, then the methods in ``reproduce.sh``'s order."""
+    keys = [method.key for method in METHODS.values()]
+    position = keys.index(row.method.key) if row.method.key in keys else len(keys)
+    return row.tag, row.labelnum, position, row.label
+
+
+def run_notes(runs):
+    """Notes under the table: each failed run and its reason; each run with empty predictions."""
+    notes = []
+    for run in runs:
+        if run.summary is None:
+            notes.append(f"`{run.name}` (seed {run.seed}): {FAILED}: {run.problem}")
+        elif run.summary.get("num_empty_pred"):
+            notes.append(f"`{run.name}` (seed {run.seed}): {run.summary['num_empty_pred']} of "
+                         f"{run.summary['num_cases']} test cases predicted empty; their 95HD/ASD are undefined "
+                         "and left out of that run's means")
+    return notes
+
+
+# -- cells -------------------------------------------------------------------------------------------------
+def seed_statistic(values, scale):
+    """``mean ± std`` over seeds (sample std, n - 1; "–" with one seed) of the defined per-run means, with
+    ``(k of n seeds)`` when some runs have none (every prediction empty)."""
+    defined = [scale * v for v in values if v is not None]
+    if not defined:
+        return "undefined"
+    std = f"{statistics.stdev(defined):.2f}" if len(defined) > 1 else "–"
+    cell = f"{statistics.fmean(defined):.2f} ± {std}"
+    return cell if len(defined) == len(values) else f"{cell} ({len(defined)} of {len(values)} seeds)"
+
+
+def metric_cells(row):
+    """The four metric cells of a row, or "failed / not evaluated" when no run of it has a number."""
+    if not row.runs:
+        return [FAILED] * len(METRIC_COLUMNS)
+    return [seed_statistic([run.summary[key]["mean"] for run in row.runs], scale)
+            for key, _, scale in METRIC_COLUMNS]
+
+
+def seeds_cell(row):
+    """``2 of 3 (missing 42)``: evaluated seeds out of every seed seen for the data tag, and which of the
+    others failed or have no run at all."""
+    evaluated = {run.seed for run in row.runs}
+    failed = [run.seed for run in row.failed]
+    missing = [s for s in row.tag_seeds if s not in evaluated and s not in failed]
+    details = [f"{what} {', '.join(map(str, seeds))}" for what, seeds in (("failed", failed), ("missing", missing))
+               if seeds]
+    cell = f"{len(evaluated)} of {len(row.tag_seeds)}"
+    return f"{cell} ({'; '.join(details)})" if details else cell
+
+
+def protocol_cell(row):
+    """Training iterations, then the evaluation: patch, strides, checkpoint and folder(s), LCC, units, cases;
+    for a row without evaluation, the protocol its configuration asks for."""
+    run = (row.runs or row.failed)[0]
+    if row.runs:
+        protocol = run.summary["protocol"]
+        folders = ", ".join(sorted({r.eval_dir.name for r in row.runs}))
+        patch, stride_xy, stride_z, nms = (protocol["patch_size"], protocol["stride_xy"], protocol["stride_z"],
+                                           protocol["nms"])
+        evaluation = (f"{run.final_checkpoint} ({folders}), LCC {'on' if nms else 'off'}, "
+                      f"{protocol.get('units')}, {run.summary['num_cases']} test cases")
+    else:
+        args = run.args
+        patch, stride_xy, stride_z = args.get("patch_size"), args.get("stride_xy"), args.get("stride_z")
+        evaluation = f"{run.final_checkpoint}, LCC {'on' if args['nms'] else 'off'} (configured, not evaluated)"
+    patch = "×".join(map(str, patch)) if patch else "?"
+    return f"{run.args['max_iterations']} it, patch {patch}, stride {stride_xy}/{stride_z}, {evaluation}"
+
+
+def published_cells(row):
+    """Published Dice, Jaccard, 95HD, ASD and source (several sources on separate lines), for rows on the
+    dataset itself only."""
+    if row.tag != row.dataset:
+        return ["–"] * 4 + [f"not comparable (data tag {row.tag}, not the {row.dataset} data)"]
+    entries = PUBLISHED.get((row.method.key, row.dataset, row.labelnum))
+    if not entries:
+        return ["–"] * 4 + ["none in docs/methods/*.md"]
+    values = [[getattr(entry, key) or "–" for entry in entries] for key, _, _ in METRIC_COLUMNS]
+    return ["<br>".join(column) for column in values] + ["<br>".join(entry.source for entry in entries)]
+
+
+# -- markdown ----------------------------------------------------------------------------------------------
+def table_lines(rows):
+    """The markdown table, one line per row."""
+    header = (["data", "method", "labelled"] + [title for _, title, _ in METRIC_COLUMNS] + ["seeds", "protocol"]
+              + [f"published {title}" for _, title, _ in METRIC_COLUMNS] + ["published source"])
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for row in rows:
+        cells = ([row.tag, row.label, str(row.labelnum)] + metric_cells(row) + [seeds_cell(row), protocol_cell(row)]
+                 + published_cells(row))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def render(results, title, note=None, model_label=None):
+    """The whole markdown document: title, how to read the table, the table, the notes."""
+    lines = [f"# {title}", ""]
+    if note:
+        lines += [note, ""]
+    lines += [f"Generated by `python code/utils/summarize.py` from {results.num_runs} runs under "
+              f"`{model_label or results.model_dir}`. Each cell: mean ± standard deviation over seeds (sample, "
+              "n - 1; \"–\" with one seed) of the per-run test-set means; Dice and Jaccard in %, 95HD and ASD in "
+              "the units of the protocol column. The published columns quote docs/methods/*.md (other protocols "
+              "and checkpoints; see there); they were not measured here.", ""]
+    lines += table_lines(results.rows)
+    if results.notes:
+        lines += ["", "Notes:", ""] + [f"- {note_line}" for note_line in results.notes]
+    return "\n".join(lines) + "\n"
+
+
+def get_parser():
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model_dir", default="model", help="folder holding the runs (default: model)")
+    parser.add_argument("--out", default="docs/results.md",
+                        help="markdown file to write, relative to the repository root (default: docs/results.md)")
+    parser.add_argument("--title", default="Results", help="heading of the document (default: Results)")
+    parser.add_argument("--note", default=None, help="paragraph printed under the heading")
+    return parser
+
+
+def output_path(path):
+    """An output path: as given when absolute, else under the repository root."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    results = collect(resolve_path(args.model_dir))
+    out = output_path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(results, args.title, args.note, model_label=args.model_dir))
+    print(f"{len(results.rows)} rows from {results.num_runs} runs -> {out}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

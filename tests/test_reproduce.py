@@ -1,0 +1,55 @@
+"""reproduce.sh in its synthetic quick path: every method trains and is evaluated, the table and the figures
+are written; a second call skips what exists, reports a failed run, goes on, and exits non-zero."""
+import os
+import subprocess
+
+import pytest
+
+from conftest import REPO_ROOT
+
+METHOD_NAMES = ("Supervised V-Net", "Mean teacher", "UA-MT", "DTC", "CPS", "UG-MCL", "UC-Seg", "UGPL",
+                "V-Net (all labels)")
+
+
+def reproduce(tmp_path, **env):
+    """``bash reproduce.sh`` without data (the synthetic quick path), tiny and writing only under tmp_path."""
+    settings = {"DATA_ROOT": str(tmp_path / "no_data"), "SYNTHETIC_ROOT": str(tmp_path / "synthetic"),
+                "SYNTHETIC_SHAPE": "48 48 32", "QUICK_PATCH": "32 32 16", "QUICK_ITERATIONS": "2",
+                "OUTPUT_ROOT": str(tmp_path / "runs"), "DEVICE": "cpu", **env}
+    return subprocess.run(["bash", str(REPO_ROOT / "reproduce.sh")], cwd=tmp_path, capture_output=True,
+                          text=True, env={**os.environ, **settings}, timeout=1200)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("reproduce")
+    return tmp_path, reproduce(tmp_path)
+
+
+def test_quick_path_trains_evaluates_and_tabulates_every_method(quick):
+    tmp_path, proc = quick
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "No dataset at" in proc.stdout and "FAILED" not in proc.stdout
+    runs = tmp_path / "runs" / "quickstart_synthetic_seed1337"
+    evaluated = sorted(p.parent.parent.name for p in runs.glob("*/*/eval_iter_2*/summary.json"))
+    assert evaluated == sorted(["Supervised_4", "MT_4", "UAMT_4", "DTC_4", "CPS_4", "UGMCL_4", "UCSeg_4", "UGPL_4",
+                                "Supervised_16"])
+    table = (tmp_path / "runs" / "results.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| quickstart_synthetic |")]
+    assert sorted(row.split(" | ")[1] for row in rows) == sorted(METHOD_NAMES)
+    assert all("failed" not in row and "1 of 1" in row for row in rows)
+    assert "the numbers mean nothing" in table
+    figures = {p.name for p in (tmp_path / "runs" / "figures").glob("*.png")}
+    assert "dice_vs_labelled_quickstart_synthetic.png" in figures
+    assert sum(name.startswith("curves_") for name in figures) == 9
+    assert any(name.startswith("overlay_") for name in figures)
+
+
+def test_second_call_skips_finished_runs_and_reports_a_failure_without_stopping(quick):
+    tmp_path, _ = quick
+    proc = reproduce(tmp_path, METHODS="supervised nosuch mt", PLOTS="0")
+    assert proc.returncode == 1
+    out = proc.stdout
+    assert "unknown method 'nosuch'" in out and out.rstrip().endswith("FAILED: nosuch")
+    assert out.count("trained already") == 3 and out.count("evaluated already") == 3
+    assert "training ->" not in out

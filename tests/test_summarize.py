@@ -1,0 +1,253 @@
+"""Tests of the results table (code/utils/summarize.py) and the figures (code/utils/plots.py) on fabricated run
+directories: config.json, log.txt and evaluation folders as the training scripts write them, no training."""
+import json
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from utils import plots, summarize
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SUMMARIZE = REPO_ROOT / "code" / "utils" / "summarize.py"
+ITERATIONS = 100
+CASES = ("case_a", "case_b")
+SEEDS = (1337, 2024, 42)
+NUM_TRAIN = 20
+SUPERVISED = ("train_supervised_3D", "Supervised", "vnet", 0)
+UGMCL = ("train_ugmcl_3D", "UGMCL", "vnet_sdf", 1)
+DECOY_DICE = 0.05  # the mean Dice of every evaluation folder the table must not use
+
+
+def metrics_of(method, labelnum, seed):
+    """Per-run test-set means of a fabricated run (Dice and Jaccard as fractions, distances in voxels)."""
+    dice = 0.70 + 0.01 * labelnum + (0.05 if method == "UGMCL" else 0) + 0.003 * SEEDS.index(seed) ** 2
+    return {"dice": dice, "jaccard": dice - 0.1, "hd95": 20.0 - labelnum / 2 + SEEDS.index(seed),
+            "asd": 3.0 + 0.1 * SEEDS.index(seed)}
+
+
+def write_eval(run_dir, name, means, nms, with_nii):
+    """An evaluation folder like utils.evaluation writes: metrics.csv (two cases whose means are ``means``),
+    summary.json, and with ``with_nii`` small NIfTI volumes of case_a."""
+    folder = run_dir / name
+    folder.mkdir()
+    per_case = {case: {k: v + (0.01 if i else -0.01) for k, v in means.items()} for i, case in enumerate(CASES)}
+    lines = ["case,dice,jaccard,hd95,asd,empty_pred,empty_gt"]
+    lines += [f"{case},{m['dice']},{m['jaccard']},{m['hd95']},{m['asd']},False,False" for case, m in per_case.items()]
+    lines += [f"mean,{','.join(str(means[k]) for k in ('dice', 'jaccard', 'hd95', 'asd'))},,", "std,0.01,0.01,0.01,0.01,,"]
+    (folder / "metrics.csv").write_text("\n".join(lines) + "\n")
+    summary = {key: {"mean": value, "std": 0.01, "n": len(CASES)} for key, value in means.items()}
+    summary.update(num_cases=len(CASES), num_empty_pred=0, num_empty_gt=0, protocol={
+        "patch_size": [32, 32, 16], "stride_xy": 16, "stride_z": 8, "nms": bool(nms), "units": "voxels",
+        "spacing": None, "seconds": 1.0, "checkpoint": f"iter_{ITERATIONS}.pth", "iteration": ITERATIONS,
+        "split": "test"})
+    (folder / "summary.json").write_text(json.dumps(summary))
+    if with_nii:
+        gt = np.zeros((16, 16, 8), np.uint8)
+        gt[4:12, 4:12, 2:6] = 1
+        pred = np.roll(gt, 1, axis=0)
+        image = gt + np.random.default_rng(0).normal(0, 0.3, gt.shape).astype(np.float32)
+        for kind, volume in (("pred", pred), ("img", image), ("gt", gt)):
+            nib.save(nib.Nifti1Image(volume, np.eye(4)), str(folder / f"case_a_{kind}.nii.gz"))
+
+
+def make_run(model_dir, root, method, labelnum, seed, *, tag="LA", state="evaluated"):
+    """A run directory at reproduce.sh's place. ``state``: "evaluated" (final checkpoint, log, the evaluation
+    of the run's protocol and a decoy of the other LCC setting), "unevaluated" (checkpoint and log only) or
+    "config" (config.json only: a run that failed at once)."""
+    script, exp, model, nms = method
+    run_dir = model_dir / f"{tag}_seed{seed}" / f"{exp}_{labelnum}" / model
+    run_dir.mkdir(parents=True)
+    args = {"dataset": "LA", "root_path": str(root), "labelnum": labelnum, "patch_size": [32, 32, 16],
+            "exp": f"{tag}_seed{seed}/{exp}", "model": model, "seed": seed, "max_iterations": ITERATIONS,
+            "stride_xy": 16, "stride_z": 8, "nms": nms}
+    (run_dir / "config.json").write_text(json.dumps({"script": script, "args": args, "command": [],
+                                                     "git": {"commit": None}}))
+    if state == "config":
+        return run_dir
+    (run_dir / f"iter_{ITERATIONS}.pth").write_bytes(b"")
+    (run_dir / "log.txt").write_text("".join(
+        f"[00:00:0{i}.000] iteration {i} : loss : {1 / i:f}, loss_seg: {0.5 / i:f}, consistency_weight: "
+        f"{0.01 * i:f}, lr: 0.01\n" for i in range(1, 4)) + "[00:00:04.000] iteration 3 : val_dice : 0.5\n")
+    if state == "evaluated":
+        means = metrics_of(exp, labelnum, seed)
+        decoy = {**means, "dice": DECOY_DICE}
+        write_eval(run_dir, f"eval_iter_{ITERATIONS}" + ("_nms" if nms else ""), means, nms, with_nii=True)
+        write_eval(run_dir, f"eval_iter_{ITERATIONS}" + ("" if nms else "_nms"), decoy, not nms, with_nii=False)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """Supervised and UG-MCL at 8 and 16 labels over three seeds (UG-MCL without seed 42, supervised at 16
+    with seed 42 trained but not evaluated), a UG-MCL run at 4 labels that failed at once, the all-labels
+    supervised run, and one supervised run on another data tag."""
+    base = tmp_path_factory.mktemp("summary")
+    root = base / "data"
+    root.mkdir()
+    (root / "train.list").write_text("".join(f"case_{i}\n" for i in range(NUM_TRAIN)))
+    model_dir = base / "model"
+    for labelnum in (8, 16):
+        for seed in SEEDS:
+            failed = labelnum == 16 and seed == 42
+            make_run(model_dir, root, SUPERVISED, labelnum, seed, state="unevaluated" if failed else "evaluated")
+            if seed != 42:
+                make_run(model_dir, root, UGMCL, labelnum, seed)
+    make_run(model_dir, root, UGMCL, 4, 1337, state="config")
+    make_run(model_dir, root, SUPERVISED, NUM_TRAIN, 1337)
+    make_run(model_dir, root, SUPERVISED, 8, 1337, tag="synthetic")
+    return model_dir
+
+
+@pytest.fixture(scope="module")
+def table(model_dir, tmp_path_factory):
+    """``{(tag, method, labelled): {column: cell}}`` of the markdown written by the CLI, and the document."""
+    out = tmp_path_factory.mktemp("out") / "results.md"
+    proc = subprocess.run([sys.executable, str(SUMMARIZE), "--model_dir", str(model_dir), "--out", str(out),
+                           "--title", "Test results", "--note", "A note."], capture_output=True, text=True,
+                          timeout=60, cwd=model_dir)
+    assert proc.returncode == 0, proc.stderr
+    text = out.read_text()
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    rows = {}
+    for line in lines[2:]:
+        cells = dict(zip(header, (cell.strip() for cell in line.strip("|").split("|"))))
+        rows[(cells["data"], cells["method"], int(cells["labelled"]))] = cells
+    return rows, text
+
+
+def expected_cell(method, labelnum, seeds, key, scale):
+    """``mean ± std`` over ``seeds`` computed here from the fabricated per-run means."""
+    values = [scale * metrics_of(method, labelnum, seed)[key] for seed in seeds]
+    std = f"{statistics.stdev(values):.2f}" if len(values) > 1 else "–"
+    return f"{statistics.fmean(values):.2f} ± {std}"
+
+
+def test_rows_and_order(table):
+    rows, text = table
+    assert list(rows) == [("LA", "UG-MCL", 4), ("LA", "Supervised V-Net", 8), ("LA", "UG-MCL", 8),
+                          ("LA", "Supervised V-Net", 16), ("LA", "UG-MCL", 16), ("LA", "V-Net (all labels)", 20),
+                          ("synthetic", "Supervised V-Net", 8)]
+    assert text.startswith("# Test results\n\nA note.\n")
+
+
+@pytest.mark.parametrize("method, label, labelnum, seeds", [
+    ("Supervised", "Supervised V-Net", 8, SEEDS), ("Supervised", "Supervised V-Net", 16, (1337, 2024)),
+    ("UGMCL", "UG-MCL", 8, (1337, 2024)), ("UGMCL", "UG-MCL", 16, (1337, 2024)),
+    ("Supervised", "V-Net (all labels)", NUM_TRAIN, (1337,))])
+def test_means_and_stds_over_seeds(table, method, label, labelnum, seeds):
+    """Each cell is the mean and sample std over seeds of the run's own protocol evaluation (never the decoy
+    of the other LCC setting); Dice and Jaccard in %."""
+    cells = table[0][("LA", label, labelnum)]
+    for key, column, scale in (("dice", "Dice (%)", 100), ("jaccard", "Jaccard (%)", 100), ("hd95", "95HD", 1),
+                               ("asd", "ASD", 1)):
+        assert cells[column] == expected_cell(method, labelnum, seeds, key, scale)
+
+
+def test_seeds_missing_and_failed(table):
+    rows = table[0]
+    assert rows[("LA", "Supervised V-Net", 8)]["seeds"] == "3 of 3"
+    assert rows[("LA", "UG-MCL", 8)]["seeds"] == "2 of 3 (missing 42)"
+    assert rows[("LA", "Supervised V-Net", 16)]["seeds"] == "2 of 3 (failed 42)"
+    assert rows[("LA", "V-Net (all labels)", NUM_TRAIN)]["seeds"] == "1 of 3 (missing 42, 2024)"
+    assert rows[("synthetic", "Supervised V-Net", 8)]["seeds"] == "1 of 1"
+
+
+def test_failed_runs_have_no_numbers(table):
+    rows, text = table
+    failed = rows[("LA", "UG-MCL", 4)]
+    for column in ("Dice (%)", "Jaccard (%)", "95HD", "ASD"):
+        assert failed[column] == "failed / not evaluated"
+    assert failed["seeds"] == "0 of 3 (failed 1337; missing 42, 2024)"
+    assert not re.search(r"\d+\.\d\d ±", "|".join(failed.values()))
+    notes = text.split("Notes:")[1]
+    assert "`LA_seed1337/UGMCL_4/vnet_sdf` (seed 1337): failed / not evaluated: no final checkpoint " \
+           f"iter_{ITERATIONS}.pth" in notes
+    assert f"`LA_seed42/Supervised_16/vnet` (seed 42): failed / not evaluated: iter_{ITERATIONS}.pth has no test " \
+           "evaluation" in notes
+
+
+def test_protocol_column_names_the_evaluation_used(table):
+    rows = table[0]
+    assert rows[("LA", "UG-MCL", 8)]["protocol"] == (
+        f"{ITERATIONS} it, patch 32×32×16, stride 16/8, iter_{ITERATIONS}.pth (eval_iter_{ITERATIONS}_nms), "
+        "LCC on, voxels, 2 test cases")
+    assert rows[("LA", "Supervised V-Net", 8)]["protocol"] == (
+        f"{ITERATIONS} it, patch 32×32×16, stride 16/8, iter_{ITERATIONS}.pth (eval_iter_{ITERATIONS}), "
+        "LCC off, voxels, 2 test cases")
+    assert rows[("LA", "UG-MCL", 4)]["protocol"].endswith("LCC on (configured, not evaluated)")
+
+
+def test_published_columns(table):
+    rows = table[0]
+    supervised = rows[("LA", "Supervised V-Net", 8)]
+    assert [supervised[f"published {c}"] for c in ("Dice (%)", "Jaccard (%)", "95HD", "ASD")] == \
+        ["82.74", "71.70", "13.33", "3.26"]
+    assert "docs/methods/supervised.md" in supervised["published source"]
+    ugmcl = rows[("LA", "UG-MCL", 16)]
+    assert [ugmcl[f"published {c}"] for c in ("Dice (%)", "Jaccard (%)", "95HD", "ASD")] == \
+        ["90.16", "82.18", "6.50", "1.98"]
+    assert ugmcl["published source"] == "UG-MCL paper Table 3 (docs/methods/ugmcl.md)"
+    assert rows[("LA", "UG-MCL", 8)]["published Dice (%)"] == "–"
+    assert rows[("LA", "UG-MCL", 8)]["published source"] == "none in docs/methods/*.md"
+    assert rows[("LA", "V-Net (all labels)", NUM_TRAIN)]["published source"] == "none in docs/methods/*.md"
+    other = rows[("synthetic", "Supervised V-Net", 8)]
+    assert other["published Dice (%)"] == "–" and other["published source"].startswith("not comparable")
+
+
+def test_published_numbers_are_quoted_from_the_method_docs():
+    """Every published value is printed, as is, in the method doc its source names."""
+    for (method, _, _), entries in summarize.PUBLISHED.items():
+        assert method in {m.key for m in summarize.METHODS.values()}
+        for entry in entries:
+            doc = re.search(r"\((docs/methods/\w+\.md)\)$", entry.source)[1]
+            text = (REPO_ROOT / doc).read_text()
+            for value in (entry.dice, entry.jaccard, entry.hd95, entry.asd):
+                assert value is None or value in text, (doc, value)
+
+
+@pytest.mark.parametrize("make_dir, message", [(False, "error: model folder "), (True, "error: no runs under ")])
+def test_cli_one_line_error(tmp_path, make_dir, message):
+    model_dir = tmp_path / "model"
+    if make_dir:
+        model_dir.mkdir()
+    proc = subprocess.run([sys.executable, str(SUMMARIZE), "--model_dir", str(model_dir), "--out",
+                           str(tmp_path / "results.md")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith(message)
+    assert not (tmp_path / "results.md").exists()
+
+
+def test_parse_log_tolerates_unknown_terms_and_resumes(tmp_path):
+    log = tmp_path / "log.txt"
+    log.write_text("[00:00:00.000] Namespace(max_iterations=100, lr_step=2500)\n"
+                   "[00:00:01.000] iteration 1 : loss : 0.900000, loss_seg: 0.500000, lr: 0.01\n"
+                   "[00:00:02.000] iteration 2 : loss : 0.800000, loss_new_term: 1e-05, lr: 0.001\n"
+                   "[00:00:03.000] resumed from latest.pth at iteration 1\n"
+                   "[00:00:04.000] iteration 2 : loss : 0.700000, lr: 0.001\n"
+                   "[00:00:05.000] iteration 2 : val_dice : 0.420000 (4 cases of val.list)\n")
+    curves = plots.parse_log(log)
+    assert curves == {"loss": {1: 0.9, 2: 0.7}, "loss_seg": {1: 0.5}, "lr": {1: 0.01, 2: 0.001},
+                      "loss_new_term": {2: 1e-05}, "val_dice": {2: 0.42}}
+
+
+def test_plots_write_the_expected_figures(model_dir, tmp_path):
+    """Dice against labelled cases per tag, curves per run group with a log, an overlay per labelled count from
+    the saved NIfTI volumes (no network is run)."""
+    out = tmp_path / "figures"
+    plots.main(["--model_dir", str(model_dir), "--out", str(out)])
+    expected = {"dice_vs_labelled_LA.png", "dice_vs_labelled_synthetic.png",
+                "overlay_LA_8_case_a.png", "overlay_LA_16_case_a.png", f"overlay_LA_{NUM_TRAIN}_case_a.png",
+                "overlay_synthetic_8_case_a.png",
+                "curves_LA_Supervised_V-Net_8.png", "curves_LA_Supervised_V-Net_16.png",
+                "curves_LA_UG-MCL_8.png", "curves_LA_UG-MCL_16.png", f"curves_LA_V-Net_all_labels_{NUM_TRAIN}.png",
+                "curves_synthetic_Supervised_V-Net_8.png"}
+    assert {path.name for path in out.iterdir()} == expected
+    for name in expected:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
