@@ -25,7 +25,8 @@ TINY = ["--patch_size", "32", "32", "16", "--batch_size", "2", "--stride_xy", "1
 def run_script(script, *args, cwd=REPO_ROOT, check=True):
     """Run ``code/<script>`` in a fresh interpreter; return the completed process (text output)."""
     proc = subprocess.run([sys.executable, str(CODE_DIR / script), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, encoding="utf-8", errors="replace",
+                          timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc

@@ -17,7 +17,7 @@ def reproduce(tmp_path, **env):
                 "SYNTHETIC_SHAPE": "48 48 32", "QUICK_PATCH": "32 32 16", "QUICK_ITERATIONS": "2",
                 "OUTPUT_ROOT": str(tmp_path / "runs"), "DEVICE": "cpu", **env}
     return subprocess.run(["bash", str(REPO_ROOT / "reproduce.sh")], cwd=tmp_path, capture_output=True,
-                          text=True, env={**os.environ, **settings}, timeout=1200)
+                          encoding="utf-8", errors="replace", env={**os.environ, **settings}, timeout=1200)
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +31,10 @@ def test_quick_path_trains_evaluates_and_tabulates_every_method(quick):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "No dataset at" in proc.stdout and "FAILED" not in proc.stdout
     runs = tmp_path / "runs" / "quickstart_synthetic_seed1337"
-    evaluated = sorted(p.parent.parent.name for p in runs.glob("*/*/eval_iter_2*/summary.json"))
+    evaluated = sorted(p.parents[2].name for p in runs.glob("*/*/eval_iter_2*/summary.json"))
     assert evaluated == sorted(["Supervised_4", "MT_4", "UAMT_4", "DTC_4", "CPS_4", "UGMCL_4", "UCSeg_4", "UGPL_4",
                                 "Supervised_16"])
-    table = (tmp_path / "runs" / "results.md").read_text()
+    table = (tmp_path / "runs" / "results.md").read_text(encoding="utf-8")
     rows = [line for line in table.splitlines() if line.startswith("| quickstart_synthetic |")]
     assert sorted(row.split(" | ")[1] for row in rows) == sorted(METHOD_NAMES)
     assert all("failed" not in row and "1 of 1" in row for row in rows)

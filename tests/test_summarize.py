@@ -112,7 +112,7 @@ def table(model_dir, tmp_path_factory):
                            "--title", "Test results", "--note", "A note."], capture_output=True, text=True,
                           timeout=60, cwd=model_dir)
     assert proc.returncode == 0, proc.stderr
-    text = out.read_text()
+    text = out.read_text(encoding="utf-8")
     lines = [line for line in text.splitlines() if line.startswith("| ")]
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
     rows = {}
@@ -207,7 +207,7 @@ def test_published_numbers_are_quoted_from_the_method_docs():
         assert method in {m.key for m in summarize.METHODS.values()}
         for entry in entries:
             doc = re.search(r"\((docs/methods/\w+\.md)\)$", entry.source)[1]
-            text = (REPO_ROOT / doc).read_text()
+            text = (REPO_ROOT / doc).read_text(encoding="utf-8")
             for value in (entry.dice, entry.jaccard, entry.hd95, entry.asd):
                 assert value is None or value in text, (doc, value)
 

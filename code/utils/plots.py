@@ -101,7 +101,7 @@ def parse_log(path):
     curves = defaultdict(dict)
     if not Path(path).is_file():
         return curves
-    for line in Path(path).read_text(errors="replace").splitlines():
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
         match = ITERATION.search(line)
         if match:
             for name, value in TERM.findall(line[match.end():]):
@@ -149,7 +149,7 @@ def metrics_rows(eval_dir):
     path = eval_dir / "metrics.csv"
     if not path.is_file():
         return []
-    with open(path, newline="") as handle:
+    with open(path, newline="", encoding="utf-8") as handle:
         return [row for row in csv.DictReader(handle) if row["case"] not in ("mean", "std")]
 
 

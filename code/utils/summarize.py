@@ -197,7 +197,7 @@ def experiment_names(args):
 def read_run(run_dir, model_dir):
     """The :class:`Run` of ``run_dir`` with its evaluation chosen; raises ``ValueError`` on a configuration
     that cannot be read."""
-    config = json.loads((run_dir / "config.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     args = config["args"]
     for key in ("exp", "seed", "labelnum", "max_iterations", "dataset", "model", "nms"):
         if key not in args:
@@ -211,7 +211,7 @@ def read_run(run_dir, model_dir):
 def read_summary(eval_dir):
     """``summary.json`` of an evaluation folder, or None when it is missing or unreadable."""
     try:
-        summary = json.loads((eval_dir / "summary.json").read_text())
+        summary = json.loads((eval_dir / "summary.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     complete = isinstance(summary, dict) and all(key in summary for key in SUMMARY_KEYS) \
@@ -265,9 +265,10 @@ def count_training_cases(run):
     root = run.args.get("root_path")
     train_list = Path(root) / "train.list" if root else None
     if train_list and train_list.is_file():
-        return sum(1 for line in train_list.read_text().splitlines() if line.strip())
+        return sum(1 for line in train_list.read_text(encoding="utf-8").splitlines() if line.strip())
     log = run.path / "log.txt"
-    match = re.search(r"(\d+) labelled \+ (\d+) unlabelled cases", log.read_text()) if log.is_file() else None
+    text = log.read_text(encoding="utf-8", errors="replace") if log.is_file() else ""
+    match = re.search(r"(\d+) labelled \+ (\d+) unlabelled cases", text)
     return int(match[1]) + int(match[2]) if match else None
 
 
@@ -491,7 +492,7 @@ def main(argv=None):
     results = collect(resolve_path(args.model_dir))
     out = output_path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(results, args.title, args.note, model_label=args.model_dir))
+    out.write_text(render(results, args.title, args.note, model_label=args.model_dir), encoding="utf-8")
     print(f"{len(results.rows)} rows from {results.num_runs} runs -> {out}")
 
 
