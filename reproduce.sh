@@ -137,8 +137,8 @@ run_one() {  # run_one METHOD LABELNUM SEED: train (or resume, or skip) and eval
     local run="$OUTPUT_ROOT/${exp}_${labelnum}/${MODEL[$method]}"
     local schedule
     schedule=$(schedule_args "$method")
-    local iterations=${schedule#--max_iterations }
-    iterations=${iterations%% *}
+    local iterations=${ITERATIONS[$method]}
+    [ "$QUICK" = 1 ] && iterations=$QUICK_ITERATIONS
     # shellcheck disable=SC2206
     local args=(--exp "$exp" --labelnum "$labelnum" --seed "$seed" $schedule "${COMMON[@]}" $EXTRA_ARGS)
     [ "$QUICK" = 1 ] && [ "$method" != supervised ] && args+=(--labeled_bs 1)  # batches of 1 + 1 crops

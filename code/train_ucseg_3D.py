@@ -394,7 +394,6 @@ def ucseg_step(nets, image, label, iteration, args, autocast, recomputed=False):
     loss = supervised_total(terms) + (0.5 if mixing else 1.0) * unsupervised_total(plain, weight, args)
     loss.backward()
     loss = loss.detach()
-    plain = {name: value.detach() for name, value in plain.items()}
     if mixing:
         mixed_image, mixed_target = mix_batch(image, targets, labeled, args.mix_fraction)
         with autocast():
@@ -404,8 +403,8 @@ def ucseg_step(nets, image, label, iteration, args, autocast, recomputed=False):
         mixed_loss.backward()
         loss = loss + mixed_loss.detach()
         for name, value in mixed_terms.items():
-            terms[name] = 0.5 * (plain[name] + value.detach())
-            terms[f"{name}_mix"] = value.detach()
+            terms[name] = 0.5 * (plain[name] + value)
+            terms[f"{name}_mix"] = value
     else:
         terms.update(plain)
     terms.update(consistency_weight=weight, queue_gate=gate, annealing=annealing)
