@@ -34,7 +34,7 @@ DICE = losses.DiceLoss(2)
 
 def get_parser():
     parser = training_parser(__doc__.splitlines()[0], exp=None, max_iterations=6000, batch_size=4,
-                             base_lr=0.01, seed=1337, labeled_bs=2, labelnum=8, model="vnet",
+                             base_lr=0.01, seed=1337, labeled_bs=2, model="vnet",
                              consistency=0.1, consistency_rampup=40.0)
     parser.add_argument("--has_dropout", type=int, choices=(0, 1), default=1,
                         help="Dropout3d(0.5) in both V-Nets (SSL4MIS's factory builds its vnet with it: 1)")

@@ -30,7 +30,7 @@ from utils.run import TrainingRun  # noqa: E402
 
 def get_parser():
     parser = training_parser(__doc__.splitlines()[0], exp=None, max_iterations=6000, batch_size=4,
-                             base_lr=0.01, seed=1337, labeled_bs=2, labelnum=8, model="vnet_sdf",
+                             base_lr=0.01, seed=1337, labeled_bs=2, model="vnet_sdf",
                              consistency=1.0, consistency_rampup=40.0)
     parser.set_defaults(nms=1)
     method = parser.add_argument_group("DTC")

@@ -27,7 +27,7 @@ from utils.run import TrainingRun  # noqa: E402
 
 def get_parser():
     parser = training_parser(__doc__.splitlines()[0], exp=None, max_iterations=6000, batch_size=4,
-                             base_lr=0.01, seed=1337, semi_supervised=False, labelnum=8)
+                             base_lr=0.01, seed=1337, semi_supervised=False)
     parser.add_argument("--has_dropout", type=int, choices=(0, 1), default=1,
                         help="Dropout3d(0.5) after the bottleneck and last decoder block (UA-MT: 1)")
     return parser

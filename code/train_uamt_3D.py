@@ -32,7 +32,7 @@ from utils.uncertainty import certain_mask, mc_dropout_uncertainty  # noqa: E402
 
 def get_parser():
     parser = training_parser(__doc__.splitlines()[0], exp=None, max_iterations=6000, batch_size=4,
-                             base_lr=0.01, seed=1337, labeled_bs=2, labelnum=8, model="vnet",
+                             base_lr=0.01, seed=1337, labeled_bs=2, model="vnet",
                              consistency=0.1, consistency_rampup=40.0)
     add_mean_teacher_args(parser, ema_decay=0.99)
     add_uncertainty_args(parser, mc_samples=8, threshold_start=0.75, threshold_end=1.0)

@@ -63,7 +63,7 @@ Outputs = namedtuple("Outputs", ["logits1", "logits2", "fused", "features1", "fe
 
 def get_parser():
     parser = training_parser(__doc__.splitlines()[0], exp=None, max_iterations=50000, batch_size=4,
-                             base_lr=0.01, seed=42, labeled_bs=2, labelnum=8, model=MODEL,
+                             base_lr=0.01, seed=42, labeled_bs=2, model=MODEL,
                              consistency=0.1, consistency_rampup=200.0)
     parser.set_defaults(patch_size=[96, 96, 96], lr_schedule="linear", weight_decay=1e-5, nms=1)
     nets = parser.add_argument_group("UC-Seg networks")

@@ -46,7 +46,7 @@ INTRA_SCOPES = ("batch", "unlabeled")
 
 def get_parser():
     parser = training_parser(__doc__.splitlines()[0], exp=None, max_iterations=6000, batch_size=4,
-                             base_lr=0.01, seed=1337, labeled_bs=2, labelnum=8, model="vnet_sdf",
+                             base_lr=0.01, seed=1337, labeled_bs=2, model="vnet_sdf",
                              consistency=0.1, consistency_rampup=40.0)
     parser.set_defaults(nms=1)
     add_mean_teacher_args(parser, ema_decay=0.99)

@@ -53,7 +53,7 @@ ENTROPY_EPS = 1e-10
 
 def get_parser():
     parser = training_parser(__doc__.splitlines()[0], exp=None, max_iterations=6000, batch_size=4,
-                             base_lr=0.01, seed=1337, labeled_bs=2, labelnum=8, model="resnet_vnet",
+                             base_lr=0.01, seed=1337, labeled_bs=2, model="resnet_vnet",
                              consistency=0.1, consistency_rampup=40.0)
     method = parser.add_argument_group("UGPL (--model is subnet A: resnet_vnet, or vnet for two V-Nets)")
     method.add_argument("--code_faithful", action="store_true",

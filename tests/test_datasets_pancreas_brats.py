@@ -385,15 +385,17 @@ def test_conversion_flag_errors_are_one_line(pancreas_raw, brats_raw, tmp_path, 
 # ---------------------------------------------------------------- defaults and training
 
 
-@pytest.mark.parametrize("dataset, patch, strides", [("LA", [112, 112, 80], (18, 4)),
-                                                     ("Pancreas", [96, 96, 96], (16, 16)),
-                                                     ("BraTS2019", [96, 96, 96], (64, 64))])
-def test_dataset_defaults_and_a_methods_own_patch(dataset, patch, strides):
+@pytest.mark.parametrize("dataset, patch, strides, labelnum", [("LA", [112, 112, 80], (18, 4), 8),
+                                                               ("Pancreas", [96, 96, 96], (16, 16), 6),
+                                                               ("BraTS2019", [96, 96, 96], (64, 64), 25)])
+def test_dataset_defaults_and_a_methods_own_patch(dataset, patch, strides, labelnum):
     import train_ucseg_3D
 
     parser = training_parser("test", exp=None, max_iterations=10, batch_size=4, base_lr=0.01)
     args = finalize_args(parser.parse_args(["--dataset", dataset]), get_dataset_spec(dataset))
-    assert args.patch_size == patch and (args.stride_xy, args.stride_z) == strides
+    assert args.patch_size == patch and (args.stride_xy, args.stride_z) == strides and args.labelnum == labelnum
+    assert finalize_args(parser.parse_args(["--dataset", dataset, "--labelnum", "3"]),
+                         get_dataset_spec(dataset)).labelnum == 3
     assert args.root_path == str(REPO_ROOT / "data" / dataset)
     ucseg = finalize_args(train_ucseg_3D.get_parser().parse_args(["--dataset", dataset]), get_dataset_spec(dataset))
     assert ucseg.patch_size == [96, 96, 96] and (ucseg.stride_xy, ucseg.stride_z) == strides

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from dataloaders.samplers import InfiniteBatches, RandomBatchSampler, TwoStreamBatchSampler, seed_worker
-from dataloaders.transforms import (CenterCrop, Compose, RandomCrop, RandomNoise, RandomRotFlip, ToTensor,
-                                    pad_to_size)
+from dataloaders.transforms import (CenterCrop, Compose, RandomCrop, RandomNoise, RandomRotFlip, SignedDistance,
+                                    ToTensor, pad_to_size)
 from utils.errors import UserError
+from utils.losses import compute_sdf
 
 
 def volume(shape):
@@ -79,6 +80,20 @@ def test_same_rng_seed_same_augmentation():
     c = pipeline(sample, rng=np.random.RandomState(8))
     assert torch.equal(a["image"], b["image"]) and not torch.equal(a["image"], c["image"])
     assert a["image"].shape == (1, 16, 16, 8) and a["label"].dtype == torch.long
+
+
+def test_signed_distance_only_for_labelled_cases():
+    """The labelled crops get compute_sdf's map; the unlabelled ones NaN, so a loss that reads them is NaN."""
+    label = np.zeros((16, 16, 8), np.uint8)
+    label[4:12, 4:12, 2:6] = 1
+    expected = compute_sdf(label[None], (1, 16, 16, 8))[0]
+    transform = SignedDistance(labelled_cases=["a"])
+    labelled = transform({"image": label.astype(np.float32), "label": label, "case": "a"})
+    unlabelled = transform({"image": label.astype(np.float32), "label": label, "case": "b"})
+    assert np.array_equal(labelled["sdf"], expected) and expected.min() < 0 < expected.max()
+    assert unlabelled["sdf"].shape == label.shape and np.isnan(unlabelled["sdf"]).all()
+    everyone = SignedDistance()({"image": label.astype(np.float32), "label": label, "case": "b"})
+    assert np.array_equal(everyone["sdf"], expected)
 
 
 def test_two_stream_batches_put_labelled_first():

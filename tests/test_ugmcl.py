@@ -8,7 +8,10 @@ import torch
 import train_ugmcl_3D as ugmcl
 from conftest import SHARED_LA, TINY, kill_after_first_save, read_summary, run_script
 from dataloaders.la_heart import LAHeart
+from dataloaders.registry import get_dataset_spec
+from dataloaders.training_data import build_training_data
 from dataloaders.transforms import CenterCrop
+from utils.args import finalize_args
 from utils.ema import update_ema
 from utils.losses import compute_sdf
 
@@ -52,6 +55,19 @@ def step_loss(args, model, teacher, iteration=100):
     targets = ugmcl.teacher_targets(teacher, image, args) if ugmcl.uses_teacher(args) else None
     weight = 0.1 if args.consistency else 0.0
     return ugmcl.ugmcl_loss(model(image), label, sdf_target, targets, threshold=0.6, weight=weight, args=args)
+
+
+def test_training_data_has_signed_distances_for_the_labelled_cases_only(synthetic_root):
+    """The loader's workers compute the two distance transforms for the labelled crops only (the loss reads
+    ``sdf[:labeled_bs]``); an unlabelled crop carries NaN."""
+    args = ugmcl.get_parser().parse_args(["--root_path", str(synthetic_root), "--labelnum", "4", "--labeled_bs", "1",
+                                          "--no_eval", *TINY])
+    train_set = build_training_data(finalize_args(args, get_dataset_spec("LA")), get_dataset_spec("LA"),
+                                    signed_distance=True).train_set
+    labelled, unlabelled = train_set[(3, 0)], train_set[(4, 0)]
+    assert np.isfinite(labelled["sdf"]).all() and labelled["sdf"].min() < 0 < labelled["sdf"].max()
+    assert np.array_equal(labelled["sdf"], compute_sdf(labelled["label"].numpy()[None], (1, 32, 32, 16))[0])
+    assert unlabelled["sdf"].shape == (32, 32, 16) and np.isnan(unlabelled["sdf"]).all()
 
 
 def test_sdf_to_probability_maps_inside_to_one():

@@ -231,16 +231,17 @@ def test_recomputed_activations_give_the_same_loss_gradients_and_batch_norm_stat
 
 
 def test_killed_run_resumes_to_the_same_weights(synthetic_root, tmp_path):
-    """Both networks, both optimisers and the batch-norm statistics continue exactly after a kill."""
-    common = ["--root_path", synthetic_root, "--labelnum", "4", "--labeled_bs", "1", "--max_iterations", "2",
+    """Both networks, both optimisers and the batch-norm statistics continue exactly after a kill. Four
+    iterations leave room for a kill that lands late on a loaded machine."""
+    common = ["--root_path", synthetic_root, "--labelnum", "4", "--labeled_bs", "1", "--max_iterations", "4",
               "--save_interval", "1", "--no_eval", *TINY]
     run_script(SCRIPT, *common, "--output_root", tmp_path / "straight")
     killed = ["--output_root", tmp_path / "killed", *common]
     latest = kill_after_first_save(SCRIPT, killed, tmp_path / "killed" / "LA/UGPL_4/resnet_vnet")
-    assert torch.load(latest, weights_only=True)["iteration"] == 1
+    assert torch.load(latest, weights_only=True)["iteration"] < 4, "the run finished before it could be killed"
     run_script(SCRIPT, *killed, "--resume")
-    straight = torch.load(tmp_path / "straight/LA/UGPL_4/resnet_vnet/iter_2.pth", weights_only=True)["models"]
-    resumed = torch.load(latest.parent / "iter_2.pth", weights_only=True)["models"]
+    straight = torch.load(tmp_path / "straight/LA/UGPL_4/resnet_vnet/iter_4.pth", weights_only=True)["models"]
+    resumed = torch.load(latest.parent / "iter_4.pth", weights_only=True)["models"]
     assert set(straight) == {"subnet_a", "subnet_b"}
     for net in straight:
         for key in straight[net]:

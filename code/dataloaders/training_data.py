@@ -19,16 +19,17 @@ TrainingData = namedtuple("TrainingData", ["train_set", "test_set", "sampler"])
 def build_training_data(args, spec, semi_supervised=True, signed_distance=False, rot_flip=True):
     """``TrainingData(train_set, test_set, sampler)`` for ``args`` on the dataset described by ``spec``.
 
-    With ``signed_distance`` each training sample also carries ``'sdf'``, the normalised signed distance
-    map of its cropped label (``transforms.SignedDistance``). ``test_set`` is None with ``--no_eval``. Errors (missing data, a ``--labelnum`` that does not fit the
+    With ``signed_distance`` each training sample also carries ``'sdf'``: for a labelled case the normalised
+    signed distance map of its cropped label, for an unlabelled one NaN (``transforms.SignedDistance``).
+    ``test_set`` is None with ``--no_eval``. Errors (missing data, a ``--labelnum`` that does not fit the
     list, a missing validation list with ``--val_interval``) are one-line ``UserError``/``DataError``.
     """
-    num_train = len(spec.dataset_class.list_ids(args.root_path, "train"))
-    check_labelnum(args, num_train, semi_supervised)
+    train_ids = spec.dataset_class.list_ids(args.root_path, "train")
+    check_labelnum(args, len(train_ids), semi_supervised)
     if args.val_interval:
         spec.dataset_class.list_ids(args.root_path, "val")  # a missing list fails now, before the run directory
     transforms = ([RandomRotFlip()] if rot_flip else []) + [RandomCrop(args.patch_size)]
-    transforms += [SignedDistance()] if signed_distance else []
+    transforms += [SignedDistance(train_ids[:args.labelnum])] if signed_distance else []
     transform = Compose(transforms + [ToTensor()])
     train_set = spec.dataset_class(args.root_path, "train", num=None if semi_supervised else args.labelnum,
                                    transform=transform, cache=bool(args.cache))

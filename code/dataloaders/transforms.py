@@ -97,13 +97,22 @@ class SignedDistance:
 
     For the dual-task methods (UG-MCL, DTC). Computed here, in the data loader's workers, rather than in
     the training loop: two distance transforms of a 112x112x80 crop take about 0.5 s of CPU, which would
-    otherwise stall a GPU every iteration. Deterministic, so it draws nothing from ``rng``.
+    otherwise stall a GPU every iteration. Only the labelled cases need it (the methods read
+    ``sdf[:labeled_bs]``, as DTC computes it for the labelled half only): with ``labelled_cases`` given, any
+    other case gets a map of NaN instead, which costs nothing and poisons a loss that reads it by mistake.
+    Deterministic, so it draws nothing from ``rng``.
     """
+
+    def __init__(self, labelled_cases=None):
+        self.labelled_cases = None if labelled_cases is None else frozenset(labelled_cases)
 
     def __call__(self, sample, rng=None):
         label = sample["label"]
         out = dict(sample)
-        out["sdf"] = compute_sdf(label[None], (1,) + label.shape)[0]
+        if self.labelled_cases is None or sample["case"] in self.labelled_cases:
+            out["sdf"] = compute_sdf(label[None], (1,) + label.shape)[0]
+        else:
+            out["sdf"] = np.full(label.shape, np.nan, dtype=np.float32)
         return out
 
 
