@@ -7,7 +7,7 @@ docs/benchmarks.md.
     python code/benchmark.py --only inference --repeats 3
     python code/benchmark.py --only training --rounds 3 --iterations 4
     python code/benchmark.py --only methods --methods ugmcl --rounds 3 --iterations 3
-    python code/benchmark.py --only evaluation --repeats 2
+    python code/benchmark.py --only evaluation --eval_repeats 2
 
 Everything runs on the CPU. Each comparison alternates its two variants in one invocation (A B A B ...)
 and reports the median of the ratios of neighbouring runs, so load from other users of the machine falls
@@ -40,8 +40,10 @@ import torch  # noqa: E402
 
 import train_supervised_3D  # noqa: E402
 from dataloaders.la_heart import LAHeart  # noqa: E402
+from dataloaders.registry import get_dataset_spec  # noqa: E402
 from dataloaders.transforms import CenterCrop  # noqa: E402
 from networks.vnet import VNet  # noqa: E402
+from utils.args import finalize_args  # noqa: E402
 from utils.checkpoint import load_checkpoint  # noqa: E402
 from utils.cli import ArgumentParser, resolve_path, run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
@@ -155,6 +157,12 @@ def load_test_case(root, case):
     dataset = LAHeart(root, "test", case_ids=[case or ids[0]])
     sample = dataset.load(0)
     return sample["case"], sample["image"]
+
+
+def window_count(shape, patch):
+    """Sliding windows of ``patch`` over a case of ``shape`` (padded as the inference pads it) at the LA strides."""
+    padded = [size + left + right for size, (left, right) in zip(shape, padding_for(shape, patch))]
+    return len(window_corners(padded, patch, STRIDE_XY, STRIDE_Z))
 
 
 def central_window(image):
@@ -281,9 +289,7 @@ def bench_inference(args):
     medians = {variant: statistics.median(values) for variant, values in seconds.items()}
     ratios = paired_ratios([[s] for s in seconds["reference"]], [[s] for s in seconds["ours"]])
     shape = facts["reference"]["shape"]
-    padded = [s + left + right for s, (left, right) in zip(shape, padding_for(shape, PATCH))]
-    return {"case": facts["reference"]["case"], "shape": shape,
-            "windows": len(window_corners(padded, PATCH, STRIDE_XY, STRIDE_Z)),
+    return {"case": facts["reference"]["case"], "shape": shape, "windows": window_count(shape, PATCH),
             "patch": list(PATCH), "stride_xy": STRIDE_XY, "stride_z": STRIDE_Z,
             "weights": facts["reference"]["weights"], "sw_batch_size": args.sw_batch_size,
             "memory_format": args.memory_format, "allocator_tuned": facts["ours"]["allocator_tuned"],
@@ -465,9 +471,8 @@ def method_inference_setup(script, args):
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     module = importlib.import_module(Path(script).stem)
-    script_args = module.get_parser().parse_args([])
-    patch = tuple(script_args.patch_size or PATCH)
-    script_args.patch_size = list(patch)
+    script_args = finalize_args(module.get_parser().parse_args([]), get_dataset_spec("LA"))
+    patch = tuple(script_args.patch_size)
     torch.manual_seed(args.seed)
     nets = module.build_networks(script_args)
     prepare_for_inference(nets, CPU)
@@ -476,9 +481,8 @@ def method_inference_setup(script, args):
         module.predict(nets, torch.zeros((args.sw_batch_size, 1) + patch))
     _WORKER["run"] = lambda: sliding_window_inference(lambda x: module.predict(nets, x), image, patch, STRIDE_XY,
                                                       STRIDE_Z, NUM_CLASSES, CPU, sw_batch_size=args.sw_batch_size)
-    padded = [s + left + right for s, (left, right) in zip(image.shape, padding_for(image.shape, patch))]
     return {"case": case_id, "shape": list(image.shape), "patch": list(patch),
-            "windows": len(window_corners(padded, patch, STRIDE_XY, STRIDE_Z))}
+            "windows": window_count(image.shape, patch)}
 
 
 def bench_evaluation(args):

@@ -46,3 +46,10 @@ def resolve_path(path, default_base=REPO_ROOT):
     if path.is_absolute() or path.exists():
         return path.resolve()
     return (Path(default_base) / path).resolve()
+
+
+def output_path(path):
+    """An output path: as given when absolute, else under the repository root (never the working directory,
+    so that a documented output such as ``docs/results.md`` lands in the repository from anywhere)."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else REPO_ROOT / path

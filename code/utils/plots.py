@@ -37,9 +37,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from utils.cli import ArgumentParser, resolve_path, run_cli  # noqa: E402
+from utils.cli import ArgumentParser, output_path, resolve_path, run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
-from utils.summarize import collect, output_path  # noqa: E402
+from utils.summarize import collect  # noqa: E402
 
 ITERATION = re.compile(r"\biteration (\d+)\b")
 TERM = re.compile(r"([A-Za-z_][\w/]*)\s*:\s*([-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf))(?![\w.])")

@@ -28,7 +28,7 @@ CODE_DIR = str(Path(__file__).resolve().parents[1])
 if CODE_DIR not in sys.path:
     sys.path.insert(0, CODE_DIR)
 
-from utils.cli import REPO_ROOT, ArgumentParser, resolve_path, run_cli  # noqa: E402
+from utils.cli import ArgumentParser, output_path, resolve_path, run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
 FAILED = "failed / not evaluated"
@@ -479,12 +479,6 @@ def get_parser():
     parser.add_argument("--title", default="Results", help="heading of the document (default: Results)")
     parser.add_argument("--note", default=None, help="paragraph printed under the heading")
     return parser
-
-
-def output_path(path):
-    """An output path: as given when absolute, else under the repository root."""
-    path = Path(path).expanduser()
-    return path if path.is_absolute() else REPO_ROOT / path
 
 
 def main(argv=None):
