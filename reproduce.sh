@@ -40,6 +40,34 @@ PLOTS=${PLOTS:-1}
 PYTHON=${PYTHON:-python}
 QUICK=${QUICK:-0}
 
+child=0
+stop_status=0
+on_signal() {  # on_signal STATUS: pass the stop on to the running step (it saves and exits), then stop here
+    stop_status=$1
+    [ "$child" != 0 ] && kill -TERM "$child" 2>/dev/null
+}
+trap 'on_signal 130' INT
+trap 'on_signal 143' TERM
+
+step() {  # step COMMAND...: run one Python step in the background and wait, so that a signal reaches the trap
+    "$@" &
+    child=$!
+    local status=0
+    wait "$child" || status=$?
+    while kill -0 "$child" 2>/dev/null; do  # the trap interrupted wait: the step is still saving
+        status=0
+        wait "$child" || status=$?
+    done
+    child=0
+    if [ "$stop_status" != 0 ] || [ "$status" = 130 ] || [ "$status" = 143 ]; then
+        [ "$stop_status" != 0 ] || stop_status=$status
+        echo "!! stopped by a signal; run the same command again to continue (finished runs are skipped, an"
+        echo "   interrupted one resumes from its last checkpoint, an unfinished evaluation is redone)"
+        exit "$stop_status"
+    fi
+    return "$status"
+}
+
 declare -A SCRIPT=([supervised]=train_supervised_3D.py [mt]=train_mt_3D.py [uamt]=train_uamt_3D.py
                    [dtc]=train_dtc_3D.py [cps]=train_cps_3D.py [ugmcl]=train_ugmcl_3D.py
                    [ucseg]=train_ucseg_3D.py [ugpl]=train_ugpl_3D.py)
@@ -61,7 +89,10 @@ if [ -f "$DATA_ROOT/train.list" ]; then
         PROTOCOL=LA_half_quick
         HALF_ROOT=${HALF_ROOT:-data/LA_half}
         if [ ! -f "$HALF_ROOT/resample.json" ]; then
-            "$PYTHON" code/dataloaders/resample.py --src "$DATA_ROOT" --dst "$HALF_ROOT" --scale 0.5 || exit 1
+            # --overwrite: a copy that an interrupted call left without its record is rewritten (only the
+            # files resample.py writes)
+            step "$PYTHON" code/dataloaders/resample.py --src "$DATA_ROOT" --dst "$HALF_ROOT" --scale 0.5 \
+                --overwrite || exit 1
         fi
         DATA_ROOT=$HALF_ROOT
         LABELNUMS=${LABELNUMS:-8}
@@ -86,7 +117,8 @@ else
     DATA_ROOT=${SYNTHETIC_ROOT:-data/synthetic_LA}
     if [ ! -f "$DATA_ROOT/train.list" ]; then
         # shellcheck disable=SC2086
-        "$PYTHON" code/dataloaders/synthetic.py --out "$DATA_ROOT" --num_cases 20 --num_test 4 \
+        # --overwrite: a dataset that an interrupted call left without its lists is rewritten
+        step "$PYTHON" code/dataloaders/synthetic.py --out "$DATA_ROOT" --overwrite --num_cases 20 --num_test 4 \
             --shape ${SYNTHETIC_SHAPE:-96 96 48} --seed 0 || exit 1
     fi
     QUICK=1
@@ -97,6 +129,14 @@ else
     NOTE="Synthetic quick start (no dataset found): it shows that the pipeline works; the numbers mean nothing."
 fi
 OUTPUT_ROOT=${OUTPUT_ROOT:-model/reproduce/$PROTOCOL}
+mkdir -p "$OUTPUT_ROOT" || exit 2
+if command -v flock >/dev/null; then  # one reproduce.sh per output folder (the lock passes to its steps)
+    exec 9>"$OUTPUT_ROOT/.reproduce.lock"
+    if ! flock -n 9; then
+        echo "error: another reproduce.sh (or a step it started) is still working in $OUTPUT_ROOT" >&2
+        exit 2
+    fi
+fi
 RESULTS=${RESULTS:-$OUTPUT_ROOT/results.md}
 FIGURES=${FIGURES:-$OUTPUT_ROOT/figures}
 COMMON=(--root_path "$DATA_ROOT" --output_root "$OUTPUT_ROOT" --device "$DEVICE" --no_eval)
@@ -129,6 +169,17 @@ count_cases() {  # count_cases LIST: non-empty lines
 }
 
 failed=()
+evaluated() {  # evaluated RUN ITERATIONS: the run has a complete evaluation of its final weights
+    local folder
+    for folder in "$1/eval_iter_$2" "$1/eval_iter_$2"_*; do
+        if [ -f "$folder/summary.json" ]; then
+            echo "$folder"
+            return 0
+        fi
+    done
+    return 1
+}
+
 run_one() {  # run_one METHOD LABELNUM SEED: train (or resume, or skip) and evaluate one run
     local method=$1 labelnum=$2 seed=$3 script=${SCRIPT[$1]:-}
     if [ -z "$script" ]; then
@@ -144,18 +195,26 @@ run_one() {  # run_one METHOD LABELNUM SEED: train (or resume, or skip) and eval
     local args=(--exp "$exp" --labelnum "$labelnum" --seed "$seed" $schedule "${COMMON[@]}" $EXTRA_ARGS)
     [ "$QUICK" = 1 ] && [ "$method" != supervised ] && args+=(--labeled_bs 1)  # batches of 1 + 1 crops
     if [ -f "$run/iter_${iterations}.pth" ]; then
+        if ! step "$PYTHON" code/utils/same_settings.py "$run" "code/$script" "${args[@]}"; then
+            echo "!! $method, $labelnum labels, seed $seed: the finished run in $run was trained with other"
+            echo "   settings (above); move it away to train it again, or call reproduce.sh with its settings"
+            failed+=("$method/$labelnum/$seed"); return
+        fi
         echo "== $method, $labelnum labels, seed $seed: trained already ($run)"
     else
-        [ -f "$run/latest.pth" ] && args+=(--resume)
+        # a run folder that exists is continued: from its latest.pth, or from the start when it was stopped
+        # before writing one (the script checks that its settings are the same)
+        [ -d "$run" ] && args+=(--resume)
         echo "== $method, $labelnum labels, seed $seed: training -> $run"
-        if ! "$PYTHON" "code/$script" "${args[@]}"; then
+        if ! step "$PYTHON" "code/$script" "${args[@]}"; then
             echo "!! $method, $labelnum labels, seed $seed: training failed"
             failed+=("$method/$labelnum/$seed"); return
         fi
     fi
-    if ls -d "$run"/eval_iter_"${iterations}"* >/dev/null 2>&1; then
-        echo "== evaluated already: $(ls -d "$run"/eval_iter_"${iterations}"* | head -n 1)"
-    elif ! "$PYTHON" code/test_3D.py --run "$run" --device "$DEVICE"; then
+    local done_in
+    if done_in=$(evaluated "$run" "$iterations"); then
+        echo "== evaluated already: $done_in"
+    elif ! step "$PYTHON" code/test_3D.py --run "$run" --device "$DEVICE"; then
         echo "!! $method, $labelnum labels, seed $seed: evaluation failed"
         failed+=("$method/$labelnum/$seed")
     fi
@@ -176,10 +235,10 @@ done
 minutes=$(( ($(date +%s) - started + 59) / 60 ))
 
 echo
-if ! "$PYTHON" code/utils/summarize.py --model_dir "$OUTPUT_ROOT" --out "$RESULTS" \
+if ! step "$PYTHON" code/utils/summarize.py --model_dir "$OUTPUT_ROOT" --out "$RESULTS" \
         --title "Results: $PROTOCOL" --note "$NOTE Wall time of this reproduce.sh call: $minutes min."; then
     failed+=("summary")
-elif [ "$PLOTS" = 1 ] && ! "$PYTHON" code/utils/plots.py --model_dir "$OUTPUT_ROOT" --out "$FIGURES" \
+elif [ "$PLOTS" = 1 ] && ! step "$PYTHON" code/utils/plots.py --model_dir "$OUTPUT_ROOT" --out "$FIGURES" \
         --device "$DEVICE"; then
     failed+=("figures")
 fi

@@ -6,21 +6,30 @@
 
 The run's ``config.json`` names the training script; that script's ``build_networks(args)`` and
 ``predict(nets, x)`` define the method's inference (one network, an ensemble, a fused head), so this file
-stays generic. Results go to a new folder ``<run>/eval_<checkpoint>[_nms][_N]``; nothing is overwritten.
+stays generic. Results go to a new folder ``<run>/eval_<checkpoint>[_nms][_N]``, which appears only once it
+is complete; nothing is overwritten. Everything that can stop an evaluation (settings, data, checkpoint, a
+window the networks cannot take) is checked before the first case is predicted.
 """
 import argparse
 import importlib
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import torch  # noqa: E402
+
 from dataloaders.registry import get_dataset_spec  # noqa: E402
-from utils.checkpoint import load_checkpoint, load_models  # noqa: E402
+from dataloaders.training_data import evaluation_warnings  # noqa: E402
+from utils.args import RUNTIME_FLAGS  # noqa: E402
+from utils.checkpoint import load_checkpoint, load_models, other_checkpoints  # noqa: E402
 from utils.cli import ArgumentParser, resolve_path, run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
-from utils.evaluation import evaluate, format_summary, new_eval_dir, prepare_for_inference  # noqa: E402
+from utils.evaluation import (check_evaluation_dependencies, evaluate, format_summary,  # noqa: E402
+                              prepare_for_inference)
 from utils.run import snapshot_name  # noqa: E402
 from utils.runtime import select_device  # noqa: E402
 from utils.sliding_window import check_window  # noqa: E402
@@ -52,34 +61,74 @@ def get_parser():
 
 
 def read_run(run_dir):
-    """The run's ``config.json`` and its training-script module."""
+    """The run's ``config.json`` and its training-script module; one line for a configuration that cannot be
+    read or that lacks settings the script's networks are built from."""
     config_path = run_dir / "config.json"
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir} not found")
     if not config_path.is_file():
         raise UserError(f"{run_dir} is not a run directory (no config.json)")
     try:
-        config = json.loads(config_path.read_text())
-        script, run_args = config["script"], config["args"]
-    except (ValueError, KeyError) as exc:
-        raise UserError(f"{config_path} is not a valid run configuration ({exc})") from None
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        script, run_args = config["script"], dict(config["args"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{config_path} is not a valid run configuration ({type(exc).__name__}: {exc})") from None
     try:
-        module = importlib.import_module(script)
+        module = importlib.import_module(str(script))
     except ImportError:
         raise UserError(f"{config_path} names the script {script!r}, which is not in code/") from None
-    if not all(hasattr(module, name) for name in ("build_networks", "predict")):
-        raise UserError(f"{script}.py does not define build_networks() and predict()")
+    if not all(hasattr(module, name) for name in ("build_networks", "predict", "get_parser")):
+        raise UserError(f"{script}.py does not define build_networks(), predict() and get_parser()")
+    missing = sorted(set(vars(module.get_parser().parse_args([]))) - set(run_args) - set(RUNTIME_FLAGS))
+    if missing:
+        raise UserError(f"{config_path} lacks settings that {script}.py needs: "
+                        f"{', '.join('--' + name for name in missing)} (written by another version of the code?)")
     return config, argparse.Namespace(**run_args), module
 
 
 def checkpoint_path(run_dir, run_args, checkpoint):
-    """``--checkpoint`` as a file of the run, else as a path; default: the final weights."""
+    """``--checkpoint`` as a file of the run (a bare name), else as a path; default: the final weights."""
     if checkpoint is None:
         path = run_dir / snapshot_name(run_args.max_iterations)
         if not path.is_file():
             raise UserError(f"{run_dir} has no final weights {path.name} (unfinished run? continue it with "
                             "--resume, or pass --checkpoint latest.pth)")
         return path
-    in_run = run_dir / checkpoint
-    return in_run if in_run.is_file() else resolve_path(checkpoint)
+    given = Path(checkpoint).expanduser()
+    in_run = run_dir / given
+    if in_run.is_file() or (len(given.parts) == 1 and not given.exists()):
+        if not in_run.is_file():
+            raise UserError(f"--checkpoint {checkpoint}: not in {run_dir} (its checkpoints: "
+                            f"{other_checkpoints(in_run)})")
+        return in_run
+    return resolve_path(checkpoint)
+
+
+def check_settings(args, patch_size, stride_xy, stride_z):
+    """One-line errors for evaluation settings that cannot work, before anything is loaded."""
+    if any(p < 16 or p % 16 for p in patch_size):
+        raise UserError(f"--patch_size {' '.join(map(str, patch_size))}: each size must be a positive multiple of "
+                        "16 (the networks halve the resolution four times)")
+    check_window(patch_size, stride_xy, stride_z)
+    if args.sw_batch_size < 1:
+        raise UserError(f"--sw_batch_size must be at least 1, got {args.sw_batch_size}")
+    if args.spacing is not None and not all(math.isfinite(s) and s > 0 for s in args.spacing):
+        raise UserError(f"--spacing must be three positive numbers (mm per voxel), got "
+                        f"{' '.join(map(str, args.spacing))}")
+    check_evaluation_dependencies(args.save_nii)
+
+
+def check_window_fits(module, nets, patch_size, device, run_patch):
+    """Run the method's ``predict`` once on an empty window, so that a patch the networks cannot take (UC-Seg's
+    fusion head is built for its training patch) fails now, in one line, not in the middle of the test set."""
+    window = torch.zeros((1, 1, *patch_size), device=device)
+    try:
+        with torch.inference_mode():
+            module.predict(nets, window)
+    except RuntimeError as exc:
+        raise UserError(f"the networks of this run cannot predict a {'x'.join(map(str, patch_size))} window "
+                        f"({str(exc).splitlines()[0]}); its training patch is {'x'.join(map(str, run_patch))}"
+                        ) from None
 
 
 def main(argv=None):
@@ -89,24 +138,26 @@ def main(argv=None):
     spec = get_dataset_spec(run_args.dataset)
     root = resolve_path(args.root_path) if args.root_path else Path(run_args.root_path)
     patch_size = args.patch_size or run_args.patch_size
-    stride_xy = args.stride_xy or run_args.stride_xy
-    stride_z = args.stride_z or run_args.stride_z
+    stride_xy = run_args.stride_xy if args.stride_xy is None else args.stride_xy
+    stride_z = run_args.stride_z if args.stride_z is None else args.stride_z
     nms = bool(run_args.nms if args.nms is None else args.nms)
-    if args.sw_batch_size < 1:
-        raise UserError(f"--sw_batch_size must be at least 1, got {args.sw_batch_size}")
-    check_window(patch_size, stride_xy, stride_z)
+    check_settings(args, patch_size, stride_xy, stride_z)
     device = select_device(args.device)
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise UserError(f"run directory {run_dir} is not writable (the evaluation writes a folder into it)")
 
     path = checkpoint_path(run_dir, run_args, args.checkpoint)
-    nets = module.build_networks(run_args)
     state = load_checkpoint(path)
+    nets = module.build_networks(run_args)
     load_models(state, nets, path, config["script"])
-    prepare_for_inference(nets, device)
     dataset = spec.dataset_class(root, args.split, case_ids=args.cases)
+    for warning in evaluation_warnings(dataset):
+        print(f"warning: {warning}", file=sys.stderr)
+    prepare_for_inference(nets, device)
+    check_window_fits(module, nets, patch_size, device, run_args.patch_size)
 
-    out_dir = new_eval_dir(run_dir, path.name, nms)
-    summary = evaluate(
-        lambda x: module.predict(nets, x), dataset, out_dir, patch_size=patch_size, stride_xy=stride_xy,
+    summary, out_dir = evaluate(
+        lambda x: module.predict(nets, x), dataset, run_dir, path.name, patch_size=patch_size, stride_xy=stride_xy,
         stride_z=stride_z, num_classes=spec.num_classes, device=device, sw_batch_size=args.sw_batch_size,
         nms=nms, spacing=args.spacing, save_nii=args.save_nii,
         protocol_extra={"checkpoint": str(path.name), "iteration": state.get("iteration"), "split": args.split},

@@ -130,7 +130,9 @@ def check_method_args(args):
     if args.model != MODEL:
         raise UserError(f"--model {args.model}: UC-Seg's subnets are fixed (3D U-Net + V-Net); "
                         f"the run folder is named {MODEL}")
-    if any(size % args.upg_patch for size in args.patch_size) or args.upg_patch < 1:
+    if args.upg_patch < 1:
+        raise UserError(f"--upg_patch must be at least 1, got {args.upg_patch}")
+    if any(size % args.upg_patch for size in args.patch_size):
         raise UserError(f"--patch_size {' '.join(map(str, args.patch_size))}: each size must be a multiple of "
                         f"--upg_patch {args.upg_patch} (the cross-attention's tokens)")
     levels = args.contrast_levels

@@ -46,6 +46,45 @@ def kill_after_first_save(script, args, run_dir):
     return latest
 
 
+def assert_one_line_error(proc, *fragments):
+    """The process failed as the README promises: exit status 2 and one ``error:`` line on stderr holding
+    every fragment, without a traceback."""
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1, proc.stderr
+    assert "error" in lines[0] and "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def first_train_case(root):
+    """The h5 file of the first case of ``train.list`` (a labelled case)."""
+    from dataloaders.la_heart import case_path, read_list
+
+    return case_path(root, read_list(root / "train.list")[0])
+
+
+def rewrite_case(path, **datasets):
+    """Replace an h5 case file by one holding ``datasets`` (name -> array)."""
+    import h5py
+
+    path.unlink()
+    with h5py.File(path, "w") as handle:
+        for key, value in datasets.items():
+            handle.create_dataset(key, data=value)
+
+
+def wait_for(condition, timeout=120, interval=0.002):
+    """Poll ``condition()`` until it returns something true (returned) or ``timeout`` seconds pass (None)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    return None
+
+
 def read_summary(eval_dir):
     return json.loads((eval_dir / "summary.json").read_text())
 

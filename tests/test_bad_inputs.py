@@ -1,13 +1,11 @@
 """Every bad input gives one clear line on stderr and exit status 2, and leaves no run directory behind."""
 import argparse
 
-import h5py
 import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, run_script
-from dataloaders.la_heart import case_path, read_list
+from conftest import TINY, assert_one_line_error, first_train_case, rewrite_case, run_script
 from utils.args import check_args
 from utils.checkpoint import save_checkpoint
 from utils.errors import UserError
@@ -18,26 +16,6 @@ TRAIN = "train_supervised_3D.py"
 def train(root, tmp_path, *extra):
     return run_script(TRAIN, "--root_path", root, "--output_root", tmp_path / "model", "--labelnum", "4",
                       "--max_iterations", "1", "--no_eval", *TINY, *extra, check=False)
-
-
-def assert_one_line_error(proc, *fragments):
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2, proc.stderr
-    assert len(lines) == 1, proc.stderr
-    assert "error" in lines[0] and "Traceback" not in proc.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
-def first_train_case(root):
-    return case_path(root, read_list(root / "train.list")[0])
-
-
-def rewrite_case(path, **datasets):
-    path.unlink()
-    with h5py.File(path, "w") as handle:
-        for key, value in datasets.items():
-            handle.create_dataset(key, data=value)
 
 
 def test_missing_data_root(tmp_path):
@@ -130,9 +108,10 @@ def test_test_3d_rejects_an_unfinished_run(synthetic_root, tmp_path):
 
 
 def args(**overrides):
-    base = dict(patch_size=[112, 112, 80], labelnum=8, max_iterations=10, batch_size=4, save_interval=1,
-                snapshot_interval=1, sw_batch_size=1, num_workers=0, base_lr=0.01, labeled_bs=2,
-                resume=False, overwrite=False)
+    base = dict(patch_size=[112, 112, 80], stride_xy=18, stride_z=4, labelnum=8, max_iterations=10, batch_size=4,
+                save_interval=1, save_minutes=10.0, snapshot_interval=1, sw_batch_size=1, num_workers=0,
+                base_lr=0.01, lr_step=2500, lr_gamma=0.1, momentum=0.9, weight_decay=1e-4, labeled_bs=2,
+                resume=False, overwrite=False, accept_changes=False, exp="LA/MT", model="vnet", output_root="model")
     return argparse.Namespace(**{**base, **overrides})
 
 
@@ -141,3 +120,151 @@ def test_labeled_bs_must_leave_room_for_unlabelled_data(labeled_bs):
     check_args(args())
     with pytest.raises(UserError, match="--labeled_bs"):
         check_args(args(labeled_bs=labeled_bs))
+
+
+# -- labels, ids and splits that would give a wrong number silently ----------------------------------------
+def test_fractional_label_is_refused_naming_the_case(dataset_copy, tmp_path):
+    path = first_train_case(dataset_copy)
+    label = np.zeros((40, 40, 24), np.float32)
+    label[5:10, 5:10, 5:10] = 0.5
+    rewrite_case(path, image=np.random.RandomState(0).randn(40, 40, 24).astype(np.float32), label=label)
+    assert_one_line_error(train(dataset_copy, tmp_path), path.parent.name, "not whole numbers", "0.5")
+    assert not (tmp_path / "model").exists()
+
+
+def test_whole_number_float_labels_are_read_as_class_ids(dataset_copy, tmp_path):
+    from dataloaders.h5io import read_case
+
+    path = first_train_case(dataset_copy)
+    label = np.zeros((40, 40, 24), np.float64)
+    label[5:10, 5:10, 5:10] = 1.0
+    rewrite_case(path, image=np.zeros((40, 40, 24), np.float32), label=label)
+    _, read = read_case(path)
+    assert read.dtype == np.uint8 and read.sum() == 125
+
+
+@pytest.mark.parametrize("bad_id", ["../escape", "/etc", "sub/case", "..", "a\\b"])
+def test_case_ids_that_leave_the_data_root_are_refused(dataset_copy, tmp_path, bad_id):
+    ids = (dataset_copy / "train.list").read_text().splitlines()
+    (dataset_copy / "train.list").write_text("\n".join(ids + [bad_id]) + "\n")
+    assert_one_line_error(train(dataset_copy, tmp_path), "train.list", repr(bad_id), "not a plain name")
+
+
+def test_a_case_in_both_the_training_and_the_test_list_is_refused(dataset_copy, tmp_path):
+    test_case = (dataset_copy / "test.list").read_text().split()[0]
+    with open(dataset_copy / "train.list", "a") as handle:
+        handle.write(test_case + "\n")
+    assert_one_line_error(train(dataset_copy, tmp_path), "both train.list and test.list", test_case)
+
+
+# -- problems of the evaluation, found before the training ------------------------------------------------
+def first_test_case(root):
+    from dataloaders.la_heart import case_path, read_list
+
+    return case_path(root, read_list(root / "test.list")[0])
+
+
+@pytest.mark.parametrize("extra", [[], ["--no_eval"]])
+def test_a_test_image_with_nan_stops_the_run_before_training(dataset_copy, tmp_path, extra):
+    path = first_test_case(dataset_copy)
+    image = np.zeros((40, 40, 24), np.float32)
+    image[0, 0, 0] = np.nan
+    rewrite_case(path, image=image, label=np.zeros((40, 40, 24), np.uint8))
+    proc = run_script(TRAIN, "--root_path", dataset_copy, "--output_root", tmp_path / "model", "--labelnum", "4",
+                      "--max_iterations", "1", *TINY, *extra, check=False)
+    assert_one_line_error(proc, path.parent.name, "NaN or infinite")
+    assert not (tmp_path / "model").exists()
+
+
+def test_an_unreadable_test_case_stops_the_run_before_training(dataset_copy, tmp_path):
+    first_test_case(dataset_copy).write_bytes(b"\x89HDF\r\n truncated")
+    assert_one_line_error(train(dataset_copy, tmp_path), "cannot be read as HDF5")
+    assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--stride_xy", "40"], "larger than the patch"),
+    (["--stride_z", "0"], "strides must be positive"),
+    (["--stride_xy", "0"], "strides must be positive"),
+    (["--sw_batch_size", "0"], "--sw_batch_size must be at least 1"),
+    (["--lr_step", "0"], "--lr_step must be at least 1"),
+    (["--lr_gamma", "-0.1"], "--lr_gamma must be >= 0"),
+    (["--base_lr", "nan"], "--base_lr must be a finite number, got nan"),
+    (["--base_lr", "inf"], "--base_lr must be a finite number, got inf"),
+    (["--momentum", "inf"], "--momentum must be a finite number"),
+    (["--exp", "/tmp/elsewhere"], "must be a relative path inside --output_root"),
+    (["--exp", "../../escape"], "must be a relative path inside --output_root"),
+    (["--model", "a/b"], "must be a plain name"),
+    (["--accept_changes"], "--accept_changes only applies to --resume"),
+    (["--save_minutes", "-1"], "--save_minutes must be >= 0"),
+])
+def test_impossible_flags_are_refused_before_anything_is_written(synthetic_root, tmp_path, flags, fragment):
+    assert_one_line_error(train(synthetic_root, tmp_path, *flags), fragment)
+    assert not (tmp_path / "model").exists()
+
+
+def test_a_method_flag_of_nan_is_refused(synthetic_root, tmp_path):
+    proc = run_script("train_mt_3D.py", "--root_path", synthetic_root, "--output_root", tmp_path / "model",
+                      "--labelnum", "4", "--max_iterations", "1", *TINY, "--consistency", "nan", check=False)
+    assert_one_line_error(proc, "--consistency must be a finite number")
+
+
+def test_ucseg_upg_patch_zero_is_one_line(synthetic_root, tmp_path):
+    proc = run_script("train_ucseg_3D.py", "--root_path", synthetic_root, "--output_root", tmp_path / "model",
+                      "--labelnum", "4", "--max_iterations", "1", *TINY, "--labeled_bs", "1", "--upg_patch", "0",
+                      check=False)
+    assert_one_line_error(proc, "--upg_patch must be at least 1")
+
+
+def test_abbreviated_flags_are_refused(synthetic_root, tmp_path):
+    assert_one_line_error(train(synthetic_root, tmp_path, "--max_iter", "3"), "unrecognized arguments")
+
+
+def test_an_output_root_that_is_a_file_is_one_line(synthetic_root, tmp_path):
+    (tmp_path / "model").write_text("not a folder")
+    assert_one_line_error(train(synthetic_root, tmp_path), "is a file, not a folder")
+    assert (tmp_path / "model").read_text() == "not a folder"
+
+
+def test_an_output_root_that_cannot_be_created_is_one_line(synthetic_root, tmp_path):
+    (tmp_path / "file").write_text("x")
+    proc = run_script(TRAIN, "--root_path", synthetic_root, "--output_root", tmp_path / "file" / "model",
+                      "--labelnum", "4", "--max_iterations", "1", "--no_eval", *TINY, check=False)
+    assert_one_line_error(proc, "cannot create the run folder")
+
+
+def test_an_unwritable_run_folder_is_one_line(synthetic_root, tmp_path, monkeypatch):
+    """Root writes anywhere, so the check is exercised in-process with ``os.access`` saying no."""
+    from utils.run import TrainingRun
+    import train_supervised_3D as supervised
+
+    args = supervised.get_parser().parse_args(["--root_path", str(synthetic_root), "--output_root",
+                                               str(tmp_path), "--labelnum", "4", *TINY])
+    args.exp = "LA/Supervised"
+    (tmp_path / "LA" / "Supervised_4" / "vnet").mkdir(parents=True)
+    args.resume = True
+    monkeypatch.setattr("utils.run.os.access", lambda path, mode: False)
+    with pytest.raises(UserError, match="is not writable"):
+        TrainingRun(args, "train_supervised_3D.py")
+
+
+def test_missing_medpy_is_found_before_training(synthetic_root, tmp_path, monkeypatch):
+    fake = tmp_path / "fake_site" / "medpy"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('medpy is hidden by the test')\n")
+    monkeypatch.setenv("PYTHONPATH", str(fake.parent))
+    assert_one_line_error(train(synthetic_root, tmp_path), "medpy is not installed")
+    assert not (tmp_path / "model").exists()
+
+
+def test_permission_denied_on_a_case_is_not_called_corrupt(dataset_copy, monkeypatch):
+    from dataloaders import h5io
+
+    def refuse(*args, **kwargs):
+        raise OSError("Unable to synchronously open file (unable to open file: name = 'x', errno = 13, error "
+                      "message = 'Permission denied', flags = 0, o_flags = 0)")
+
+    monkeypatch.setattr(h5io.h5py, "File", refuse)
+    with pytest.raises(UserError) as caught:
+        h5io.read_case(first_train_case(dataset_copy))
+    assert "permission denied" in str(caught.value) and "corrupt" not in str(caught.value)

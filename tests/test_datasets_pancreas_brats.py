@@ -259,7 +259,7 @@ def test_pancreas_seeded_split_and_dataset(pancreas_root, pancreas_raw, tmp_path
     train, test = read_list(pancreas_root / "train.list"), read_list(pancreas_root / "test.list")
     assert len(train) == 4 and len(test) == 2 and sorted(train + test) == [f"image{i:04d}" for i in range(1, 7)]
     dataset = Pancreas(pancreas_root, "train", num=2, cache=True)
-    assert len(dataset) == 2 and list(dataset.shapes) == train[:2] and dataset[(1, 7)]["case"] == train[1]
+    assert len(dataset) == 2 and list(dataset.stats) == train[:2] and dataset[(1, 7)]["case"] == train[1]
     again = convert_pancreas(*pancreas_raw, tmp_path / "again", counts={"train": 4, "test": 2}, seed=3, **CROP)
     assert read_list(again / "train.list") == train
 
@@ -399,9 +399,9 @@ def test_dataset_defaults_and_a_methods_own_patch(dataset, patch, strides, label
     assert args.root_path == str(REPO_ROOT / "data" / dataset)
     ucseg = finalize_args(train_ucseg_3D.get_parser().parse_args(["--dataset", dataset]), get_dataset_spec(dataset))
     assert ucseg.patch_size == [96, 96, 96] and (ucseg.stride_xy, ucseg.stride_z) == strides
-    given = finalize_args(parser.parse_args(["--dataset", dataset, "--patch_size", "32", "32", "16",
+    given = finalize_args(parser.parse_args(["--dataset", dataset, "--patch_size", "32", "32", "64",
                                              "--stride_xy", "8"]), get_dataset_spec(dataset))
-    assert given.patch_size == [32, 32, 16] and (given.stride_xy, given.stride_z) == (8, strides[1])
+    assert given.patch_size == [32, 32, 64] and (given.stride_xy, given.stride_z) == (8, strides[1])
 
 
 def train(script, dataset, root, out, *flags):

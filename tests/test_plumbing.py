@@ -109,7 +109,7 @@ def test_checkpoint_round_trip_is_atomic_and_checked(tmp_path):
     with pytest.raises(UserError, match="holds networks"):
         load_models(state, {"model": other, "teacher": other}, path, "train_a")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="cannot be read"):
+    with pytest.raises(UserError, match="truncated or not a PyTorch checkpoint"):
         load_checkpoint(tmp_path / "junk.pth")
     with pytest.raises(UserError, match="not found"):
         load_checkpoint(tmp_path / "missing.pth")
@@ -127,18 +127,17 @@ def test_rng_state_survives_a_checkpoint(tmp_path):
     assert random.random() == expected[2]
 
 
-def test_failed_evaluation_leaves_no_empty_folder(synthetic_root, tmp_path):
+def test_failed_evaluation_leaves_no_folder(synthetic_root, tmp_path):
     from dataloaders.la_heart import LAHeart
     from utils.evaluation import evaluate
 
     def refuse(x):
         raise UserError("window refused")
 
-    out_dir = tmp_path / "eval_iter_1"
     with pytest.raises(UserError, match="window refused"):
-        evaluate(refuse, LAHeart(synthetic_root, "test"), out_dir, patch_size=(32, 32, 16), stride_xy=16,
-                 stride_z=8, num_classes=2, device=CPU, progress=False)
-    assert not out_dir.exists()
+        evaluate(refuse, LAHeart(synthetic_root, "test"), tmp_path, "iter_1.pth", patch_size=(32, 32, 16),
+                 stride_xy=16, stride_z=8, num_classes=2, device=CPU, progress=False)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_recompute_auto_is_on_for_cpu_only():

@@ -53,3 +53,11 @@ def test_second_call_skips_finished_runs_and_reports_a_failure_without_stopping(
     assert "unknown method 'nosuch'" in out and out.rstrip().endswith("FAILED: nosuch")
     assert out.count("trained already") == 3 and out.count("evaluated already") == 3
     assert "training ->" not in out
+
+
+def test_a_finished_run_made_with_other_settings_is_reported_not_reused(quick):
+    tmp_path, _ = quick
+    proc = reproduce(tmp_path, METHODS="supervised", UPPER_BOUND="0", PLOTS="0", EXTRA_ARGS="--base_lr 0.02")
+    assert proc.returncode == 1
+    assert "trained with other settings: --base_lr 0.01 -> 0.02" in proc.stdout + proc.stderr
+    assert "trained already" not in proc.stdout and proc.stdout.rstrip().endswith("FAILED: supervised/4/1337")

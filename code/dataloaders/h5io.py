@@ -10,6 +10,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from utils.atomic import temporary_name
 from utils.errors import DataError
 
 IMAGE_KEY = "image"
@@ -23,6 +24,8 @@ def _open(path):
     try:
         return h5py.File(path, "r")
     except OSError as exc:
+        if isinstance(exc, PermissionError) or "errno = 13" in str(exc) or not os.access(path, os.R_OK):
+            raise DataError(f"{path}: cannot be read: permission denied") from None
         raise DataError(f"{path}: cannot be read as HDF5 (corrupt or truncated?): {exc}") from None
 
 
@@ -40,20 +43,33 @@ def read_shapes(path):
                 tuple(_dataset(handle, LABEL_KEY, path).shape))
 
 
+def _shown(values):
+    values = np.unique(values)
+    return ", ".join(str(v) for v in values[:8]) + (", ..." if values.size > 8 else "")
+
+
 def check_label(label, path, num_classes=2):
-    """Raise a :class:`DataError` unless every label value lies in ``0 .. num_classes-1``."""
+    """Raise a :class:`DataError` unless every label value is one of the class ids ``0 .. num_classes-1``.
+
+    A label stored as floats must hold whole numbers: casting ``0.5`` to ``uint8`` would silently make it
+    background, and a run would train and report a Dice on labels that are not the data's."""
+    if label.dtype.kind not in "biuf":
+        raise DataError(f"{path}: label must be numeric, found dtype {label.dtype}")
+    if label.dtype.kind == "f":
+        fractional = ~np.isfinite(label) | (label != np.floor(label))
+        if fractional.any():
+            raise DataError(f"{path}: label values must be the class ids 0..{num_classes - 1}, found values "
+                            f"that are not whole numbers: {_shown(label[fractional])}")
     if label.size and (label.min() < 0 or label.max() >= num_classes):
-        values = np.unique(label)
-        shown = ", ".join(str(v) for v in values[:8]) + (", ..." if values.size > 8 else "")
-        raise DataError(f"{path}: label values must be in 0..{num_classes - 1}, found {shown}")
+        raise DataError(f"{path}: label values must be in 0..{num_classes - 1}, found {_shown(label)}")
 
 
-def read_case(path, num_classes=2, read_image=True):
+def read_case(path, num_classes=2):
     """Read and validate one case; return ``(image float32, label uint8)``.
 
-    ``read_image=False`` returns ``(None, label)`` (used to validate a dataset quickly). Raises
-    :class:`DataError` for a missing or corrupt file, missing keys, a non-3D volume, image and label
-    of different shapes, or label values outside ``0 .. num_classes-1``.
+    Raises :class:`DataError` for a missing, unreadable or
+    corrupt file, missing keys, a non-3D volume, image and label of different shapes, label values that are
+    not class ids ``0 .. num_classes-1``, or an image with NaN or infinite values.
     """
     with _open(path) as handle:
         image_ds = _dataset(handle, IMAGE_KEY, path)
@@ -64,11 +80,11 @@ def read_case(path, num_classes=2, read_image=True):
             raise DataError(f"{path}: image shape {image_ds.shape} and label shape {label_ds.shape} differ")
         try:
             label = label_ds[()]
-            image = image_ds[()].astype(np.float32, copy=False) if read_image else None
+            image = image_ds[()].astype(np.float32, copy=False)
         except OSError as exc:
             raise DataError(f"{path}: voxel data cannot be read (corrupt?): {exc}") from None
     check_label(label, path, num_classes)
-    if image is not None and not np.isfinite(image).all():
+    if not np.isfinite(image).all():
         raise DataError(f"{path}: image contains NaN or infinite values")
     return image, label.astype(np.uint8, copy=False)
 
@@ -81,7 +97,7 @@ def write_case(path, image, label, compression="gzip"):
         raise DataError(f"{path}: image shape {image.shape} and label shape {label.shape} differ")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temporary_name(path)
     with h5py.File(tmp, "w") as handle:
         handle.create_dataset(IMAGE_KEY, data=image, compression=compression)
         handle.create_dataset(LABEL_KEY, data=label, compression=compression)

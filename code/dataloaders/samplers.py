@@ -11,6 +11,7 @@ index with its own augmentation seed, which is what makes ``--resume`` bit-exact
 """
 import itertools
 import random
+import signal
 
 import numpy as np
 import torch
@@ -128,11 +129,17 @@ class InfiniteBatches:
 
 
 def seed_worker(worker_id):
-    """DataLoader ``worker_init_fn``: seed ``random`` and numpy from the worker's torch seed.
+    """DataLoader ``worker_init_fn``: seed ``random`` and numpy from the worker's torch seed, and leave
+    SIGINT and SIGTERM to the main process.
 
     The anchors seed only ``random``, so numpy-based augmentation draws the same numbers in every worker;
     here each worker gets its own distinct numpy and ``random`` streams, derived from the loader's seed.
+    A worker ignores the stop signals (Ctrl-C reaches every process of the terminal's group): the main
+    process saves a checkpoint and shuts the workers down itself, and a worker whose parent was killed
+    exits on its own (PyTorch's watchdog).
     """
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
     worker_seed = torch.initial_seed() % 2 ** 32
     np.random.seed(worker_seed)
     random.seed(worker_seed)

@@ -8,10 +8,14 @@ crops first, then unlabelled ones (:class:`dataloaders.samplers.TwoStreamBatchSa
 dataset validates every case) but a method must only read ``label[:labeled_bs]``.
 """
 from collections import namedtuple
+from itertools import combinations
+from pathlib import Path
 
+from dataloaders.h5_dataset import name_cases
 from dataloaders.samplers import RandomBatchSampler, TwoStreamBatchSampler
 from dataloaders.transforms import Compose, RandomCrop, RandomRotFlip, SignedDistance, ToTensor
 from utils.args import check_labelnum
+from utils.errors import DataError
 
 TrainingData = namedtuple("TrainingData", ["train_set", "test_set", "sampler"])
 
@@ -21,19 +25,29 @@ def build_training_data(args, spec, semi_supervised=True, signed_distance=False,
 
     With ``signed_distance`` each training sample also carries ``'sdf'``: for a labelled case the normalised
     signed distance map of its cropped label, for an unlabelled one NaN (``transforms.SignedDistance``).
-    ``test_set`` is None with ``--no_eval``. Errors (missing data, a ``--labelnum`` that does not fit the
-    list, a missing validation list with ``--val_interval``) are one-line ``UserError``/``DataError``.
+
+    The test list is read and every test case checked even with ``--no_eval`` (when the list exists), since
+    ``reproduce.sh`` evaluates such runs later: a test case that cannot be evaluated is found before the
+    training, not after it. ``test_set`` is None with ``--no_eval`` and no test list. Errors (missing data,
+    a ``--labelnum`` that does not fit the list, a missing validation list with ``--val_interval``, a case in
+    two splits) are one-line ``UserError``/``DataError``. ``train_set.warnings`` gathers what looked wrong in
+    the data of the run (images that are not z-scored, labelled or test cases without foreground) for
+    ``TrainingRun.begin`` to print once.
     """
-    train_ids = spec.dataset_class.list_ids(args.root_path, "train")
+    dataset_class = spec.dataset_class
+    train_ids = dataset_class.list_ids(args.root_path, "train")
     check_labelnum(args, len(train_ids), semi_supervised)
     if args.val_interval:
-        spec.dataset_class.list_ids(args.root_path, "val")  # a missing list fails now, before the run directory
+        dataset_class.list_ids(args.root_path, "val")  # a missing list fails now, before the run directory
+    check_disjoint_splits(dataset_class, args.root_path)
     transforms = ([RandomRotFlip()] if rot_flip else []) + [RandomCrop(args.patch_size)]
     transforms += [SignedDistance(train_ids[:args.labelnum])] if signed_distance else []
     transform = Compose(transforms + [ToTensor()])
     train_set = spec.dataset_class(args.root_path, "train", num=None if semi_supervised else args.labelnum,
                                    transform=transform, cache=bool(args.cache))
-    test_set = None if args.no_eval else spec.dataset_class(args.root_path, "test")
+    has_test_list = (Path(args.root_path) / dataset_class.SPLIT_FILES["test"]).is_file()
+    test_set = dataset_class(args.root_path, "test") if has_test_list or not args.no_eval else None
+    train_set.warnings = data_warnings(train_set, train_ids[:args.labelnum], test_set)
     labelled = range(args.labelnum)
     if semi_supervised:
         sampler = TwoStreamBatchSampler(labelled, range(args.labelnum, len(train_set)), args.batch_size,
@@ -41,3 +55,38 @@ def build_training_data(args, spec, semi_supervised=True, signed_distance=False,
     else:
         sampler = RandomBatchSampler(labelled, args.batch_size, seed=args.seed)
     return TrainingData(train_set, test_set, sampler)
+
+
+def check_disjoint_splits(dataset_class, root):
+    """No case may be in two of the dataset's split lists (a test case trained on inflates every number)."""
+    splits = {split: set(dataset_class.list_ids(root, split)) for split, name in dataset_class.SPLIT_FILES.items()
+              if (Path(root) / name).is_file()}
+    for (first, a), (second, b) in combinations(splits.items(), 2):
+        shared = sorted(a & b)
+        if shared:
+            raise DataError(f"{len(shared)} cases are in both {dataset_class.SPLIT_FILES[first]} and "
+                            f"{dataset_class.SPLIT_FILES[second]} under {root}: {name_cases(shared)}")
+
+
+def data_warnings(train_set, labelled_ids, test_set):
+    """The warnings about a run's data: images that do not look z-scored (training and test cases), labelled
+    cases whose label is empty (they teach only background), test cases with an empty ground truth."""
+    warnings = list(train_set.warnings)
+    empty = train_set.empty_label_cases(labelled_ids)
+    if empty:
+        warnings.append(f"{len(empty)} of the {len(labelled_ids)} labelled cases have an empty label (no "
+                        f"foreground voxel; they teach only background): {name_cases(empty)}")
+    if test_set is not None:
+        warnings += evaluation_warnings(test_set)
+    return warnings
+
+
+def evaluation_warnings(dataset):
+    """The warnings about the cases an evaluation scores: images that do not look z-scored, and cases with an
+    empty ground truth (Dice 1 for an empty prediction, else 0)."""
+    empty = dataset.empty_label_cases()
+    if not empty:
+        return list(dataset.warnings)
+    return dataset.warnings + [f"{len(empty)} of the {len(dataset)} evaluated cases have an empty ground truth "
+                               f"(their Dice is 1 for an empty prediction, else 0; surface distances undefined): "
+                               f"{name_cases(empty)}"]

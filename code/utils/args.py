@@ -4,13 +4,18 @@ A method script calls :func:`training_parser` with its paper's defaults, adds it
 :func:`finalize_args` after parsing, which fills dataset-dependent defaults and rejects impossible values
 with one-line errors.
 """
+import math
+from pathlib import Path, PurePath
+
 from utils.cli import REPO_ROOT, ArgumentParser, resolve_path
 from utils.errors import UserError
 from utils.lr_schedule import SCHEDULES
+from utils.sliding_window import check_window
 
-# Flags that may differ when a run is resumed: they change where and how fast it runs, not what it computes.
-RUNTIME_FLAGS = ("resume", "overwrite", "device", "num_workers", "cache", "sw_batch_size", "no_eval", "progress",
-                 "recompute", "val_interval")
+# Flags that may differ when a run is resumed: they change where and how fast it runs or how often it saves,
+# not what it computes (a run folder may also be moved: --output_root).
+RUNTIME_FLAGS = ("resume", "overwrite", "accept_changes", "device", "num_workers", "cache", "sw_batch_size",
+                 "no_eval", "progress", "recompute", "val_interval", "save_interval", "save_minutes", "output_root")
 
 
 def training_parser(description, *, exp, max_iterations, batch_size, base_lr, seed=1337,
@@ -48,10 +53,16 @@ def training_parser(description, *, exp, max_iterations, batch_size, base_lr, se
     run.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     run.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     run.add_argument("--resume", action="store_true", help="continue the run in its directory from latest.pth")
+    run.add_argument("--accept_changes", action="store_true",
+                     help="with --resume: continue with settings that differ from the run's config.json (for "
+                          "example a lower --base_lr after a NaN loss); the change is recorded there")
     run.add_argument("--overwrite", action="store_true",
                      help="start afresh; an existing run directory is moved aside to <dir>.old-<time>")
     run.add_argument("--save_interval", type=int, default=200,
                      help="write the resumable latest.pth every N iterations (default: 200)")
+    run.add_argument("--save_minutes", type=float, default=10.0,
+                     help="also write latest.pth when this many minutes have passed since the last save "
+                          "(default: 10; 0: only every --save_interval)")
     run.add_argument("--snapshot_interval", type=int, default=1000,
                      help="keep weights iter_N.pth every N iterations (default: 1000; the last is always kept)")
     run.add_argument("--progress", type=int, choices=(0, 1), default=1, help="show progress bars (default: 1)")
@@ -131,28 +142,57 @@ def finalize_args(args, dataset_spec):
     if args.labelnum is None:
         args.labelnum = dataset_spec.labelnum
     args.patch_size = list(args.patch_size or dataset_spec.patch_size)
-    args.stride_xy = args.stride_xy or dataset_spec.stride_xy
-    args.stride_z = args.stride_z or dataset_spec.stride_z
+    args.stride_xy = dataset_spec.stride_xy if args.stride_xy is None else args.stride_xy
+    args.stride_z = dataset_spec.stride_z if args.stride_z is None else args.stride_z
     args.output_root = str(resolve_path(args.output_root))
     check_args(args)
     check_validation(args, dataset_spec)
     return args
 
 
+def check_finite(args):
+    """Every floating-point flag (and every element of a list of them) must be a finite number: argparse
+    accepts ``nan`` and ``inf``, which would train a run of NaN weights."""
+    for name, value in vars(args).items():
+        for element in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(element, float) and not math.isfinite(element):
+                raise UserError(f"--{name} must be a finite number, got {element}")
+
+
+def check_run_location(args):
+    """``--exp`` and ``--model`` name folders inside ``--output_root``: a relative path without ``..`` and a
+    plain name, so that a run never lands, or moves a folder aside, outside the output root."""
+    exp = PurePath(args.exp or "")  # None until a script fills in its default name
+    if args.exp is not None and (exp.is_absolute() or ".." in exp.parts or not exp.parts):
+        raise UserError(f"--exp {args.exp!r} must be a relative path inside --output_root (no '..', not absolute)")
+    model = PurePath(args.model)
+    if len(model.parts) != 1 or model.name in (".", "..") or model.is_absolute():
+        raise UserError(f"--model {args.model!r} must be a plain name (it is the last folder of the run directory)")
+    root = Path(args.output_root).resolve()
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--output_root {args.output_root} is a file, not a folder")
+
+
 def check_args(args):
-    """One-line errors for flag values and combinations that cannot work."""
+    """One-line errors for flag values and combinations that cannot work, found before anything is trained:
+    the evaluation's settings included, so that a run never trains for hours to fail at its evaluation."""
+    check_finite(args)
     if any(p < 16 or p % 16 for p in args.patch_size):
         raise UserError(f"--patch_size {' '.join(map(str, args.patch_size))}: each size must be a positive "
                         "multiple of 16 (the V-Net halves the resolution four times)")
+    check_window(args.patch_size, args.stride_xy, args.stride_z)
     if args.labelnum < 1:
         raise UserError(f"--labelnum must be at least 1, got {args.labelnum}")
-    for flag in ("max_iterations", "batch_size", "save_interval", "snapshot_interval", "sw_batch_size"):
+    for flag in ("max_iterations", "batch_size", "save_interval", "snapshot_interval", "sw_batch_size", "lr_step"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.num_workers < 0:
         raise UserError(f"--num_workers must be >= 0, got {args.num_workers}")
     if args.base_lr <= 0:
         raise UserError(f"--base_lr must be positive, got {args.base_lr}")
+    check_non_negative(args, "lr_gamma", "momentum", "weight_decay", "save_minutes")
+    if args.accept_changes and not args.resume:
+        raise UserError("--accept_changes only applies to --resume")
     labeled_bs = getattr(args, "labeled_bs", None)
     if labeled_bs is not None and not 1 <= labeled_bs < args.batch_size:
         raise UserError(f"--labeled_bs {labeled_bs} must be at least 1 and smaller than --batch_size "
@@ -167,6 +207,7 @@ def check_args(args):
         raise UserError(f"--mc_samples must be at least 1, got {mc_samples}")
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite exclude each other: continue the run, or start it afresh")
+    check_run_location(args)
 
 
 def check_validation(args, dataset_spec):

@@ -1,40 +1,69 @@
-"""Command-line plumbing shared by every script: one-line errors, repository-relative paths.
+"""Command-line plumbing shared by every script: one-line errors, signals, repository-relative paths.
 
 Every entry point does ``run_cli(main)``: a :class:`~utils.errors.UserError` raised anywhere below
 becomes ``error: <message>`` on stderr and exit status 2, instead of a traceback from deep inside
-numpy or h5py. Argument errors from :class:`ArgumentParser` are reported the same way.
+numpy or h5py; so does an ``OSError`` (a full disk, a folder that cannot be written). Argument errors from
+:class:`ArgumentParser` are reported the same way. SIGINT (Ctrl-C) and SIGTERM (what schedulers send before
+they kill a job) raise :class:`~utils.errors.Interrupted`, so ``finally`` blocks run and the process exits
+with ``128 + signal`` (130, 143); a training loop replaces them with handlers that first save a
+checkpoint (``utils.run.TrainingRun``).
 """
 import argparse
+import signal
 import sys
 from pathlib import Path
 
-from utils.errors import UserError
+from utils.errors import Interrupted, UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXIT_USER_ERROR = 2
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """``argparse.ArgumentParser`` whose errors are one line (no usage dump) and exit 2."""
+    """``argparse.ArgumentParser`` whose errors are one line (no usage dump) and exit 2.
+
+    Flags must be spelled out (no abbreviations), so that a command line means the same thing when it is
+    stored in ``config.json`` or printed back as the command that resumes a run."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def run_cli(main, argv=None):
-    """Call ``main(argv)`` and exit with its return value; user errors become one line and exit 2.
+def raise_interrupted(signum, frame):
+    """Signal handler: stop now with :class:`~utils.errors.Interrupted`."""
+    raise Interrupted(signum)
 
-    ``KeyboardInterrupt`` exits 130 with a one-line note (a training run's last checkpoint is
-    already on disk, so ``--resume`` continues it).
-    """
+
+def install_stop_handlers(handler=raise_interrupted):
+    """Let SIGINT and SIGTERM call ``handler`` (also when the shell started us with SIGINT ignored, as
+    bash does for background jobs)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, handler)
+
+
+def run_cli(main, argv=None):
+    """Call ``main(argv)`` and exit with its return value; user errors become one line and exit 2,
+    SIGINT/SIGTERM exit ``128 + signal`` with a one-line note."""
+    install_stop_handlers()
     try:
         status = main(argv)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    except Interrupted as exc:
+        print(exc.message, file=sys.stderr)
+        sys.exit(exc.exit_status)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(128 + signal.SIGINT)
     sys.exit(status or 0)
 
 

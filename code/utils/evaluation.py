@@ -2,7 +2,10 @@
 
 Used by every training script at the end of its run and by ``test_3D.py``, so both write the same files
 into a fresh folder ``<run>/eval_<checkpoint>[_nms]`` (suffixed ``_2``, ``_3``, ... rather than ever
-replacing an earlier evaluation):
+replacing an earlier evaluation). The folder appears only complete: the files are written into a hidden
+``<run>/.partial-eval-*`` folder, which is renamed when the last file is there, so an evaluation that is
+killed leaves no ``eval_*`` folder that a reader (``reproduce.sh``, ``summarize.py``) could take as done; the
+next evaluation of the run removes what a killed one left.
 
 - ``metrics.csv``: one row per case (dice, jaccard, hd95, asd, empty_pred, empty_gt) and mean/std rows;
 - ``summary.json``: means, standard deviations, counts and the protocol behind them;
@@ -15,16 +18,33 @@ import contextlib
 import csv
 import json
 import math
+import shutil
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from utils.errors import UserError
+from utils.folder_lock import LOCK_FILE, FolderLock, is_abandoned
 from utils.metrics import calculate_metric_percase, dice_score, largest_connected_component, summarize_metrics
 from utils.sliding_window import channels_last, keep_freed_memory, sliding_window_inference
 
 METRICS = ("dice", "jaccard", "hd95", "asd")
+PARTIAL_PREFIX = ".partial-eval-"
+
+
+def check_evaluation_dependencies(save_nii=False):
+    """The evaluation's optional imports (medpy for the surface distances, nibabel for ``--save_nii``), checked
+    before a run starts rather than after hours of training."""
+    needed = [("medpy.metric.binary", "medpy")] + ([("nibabel", "nibabel")] if save_nii else [])
+    for module, package in needed:
+        try:
+            __import__(module)
+        except ImportError:
+            raise UserError(f"{package} is not installed and the evaluation needs it: "
+                            "pip install -r requirements.txt") from None
 
 
 def prepare_for_inference(nets, device):
@@ -77,25 +97,57 @@ def format_summary(summary):
     notes = [f"{summary['num_cases']} cases", f"LCC {'on' if protocol['nms'] else 'off'}", protocol["units"]]
     if summary["num_empty_pred"]:
         notes.append(f"{summary['num_empty_pred']} empty predictions (HD/ASD undefined, excluded)")
+    if summary.get("num_empty_gt"):
+        cases = ", ".join(summary.get("empty_gt_cases", []))
+        notes.append(f"{summary['num_empty_gt']} cases with an empty ground truth ({cases}): Dice 1 only for an "
+                     "empty prediction, else 0")
     return " | ".join(parts) + f" ({', '.join(notes)})"
 
 
-def evaluate(predict, dataset, out_dir, *, patch_size, stride_xy, stride_z, num_classes, device,
+def evaluate(predict, dataset, run_dir, checkpoint_name, *, patch_size, stride_xy, stride_z, num_classes, device,
              sw_batch_size=4, nms=False, spacing=None, save_nii=False, protocol_extra=None, progress=True):
-    """Evaluate ``predict`` on every case of ``dataset`` and write the result files into ``out_dir``.
+    """Evaluate ``predict`` on every case of ``dataset``; return ``(summary, folder)``, the folder being the new
+    ``<run_dir>/eval_<checkpoint>[_nms][_N]`` (:func:`new_eval_dir`) that holds the result files.
 
-    ``out_dir`` must not exist (see :func:`new_eval_dir`); if the evaluation fails before writing anything
-    (a window the networks refuse, an interrupt) the empty folder is removed again. Returns the summary dict.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=False)
+    The files are written into a hidden partial folder that is renamed only when complete; an evaluation that
+    fails or is interrupted leaves nothing behind (a killed one leaves its partial folder, which the next
+    evaluation of the run removes)."""
+    run_dir = Path(run_dir)
+    remove_abandoned_partials(run_dir)
+    partial = run_dir / f"{PARTIAL_PREFIX}{uuid.uuid4().hex[:12]}"
+    partial.mkdir()
+    lock = FolderLock(partial).acquire("evaluation folder")
     try:
-        return _evaluate_into(predict, dataset, out_dir, patch_size, stride_xy, stride_z, num_classes, device,
-                              sw_batch_size, nms, spacing, save_nii, protocol_extra, progress)
+        summary = _evaluate_into(predict, dataset, partial, patch_size, stride_xy, stride_z, num_classes, device,
+                                 sw_batch_size, nms, spacing, save_nii, protocol_extra, progress)
+        out_dir = publish(partial, run_dir, checkpoint_name, nms)
     except BaseException:
-        if not any(out_dir.iterdir()):
-            out_dir.rmdir()
+        lock.release()
+        shutil.rmtree(partial, ignore_errors=True)
         raise
+    (out_dir / LOCK_FILE).unlink(missing_ok=True)
+    lock.release()
+    return summary, out_dir
+
+
+def publish(partial, run_dir, checkpoint_name, nms):
+    """Rename the complete ``partial`` folder to the first free ``eval_...`` name (see :func:`new_eval_dir`);
+    a name that another evaluation takes meanwhile is skipped."""
+    while True:
+        target = new_eval_dir(run_dir, checkpoint_name, nms)
+        try:
+            partial.rename(target)
+            return target
+        except OSError:
+            if not target.exists():
+                raise
+
+
+def remove_abandoned_partials(run_dir):
+    """Remove the partial folders of evaluations that were killed (no live process holds their lock)."""
+    for folder in Path(run_dir).glob(f"{PARTIAL_PREFIX}*"):
+        if folder.is_dir() and is_abandoned(folder):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -141,6 +193,7 @@ def _evaluate_into(predict, dataset, out_dir, patch_size, stride_xy, stride_z, n
             for suffix, volume in (("pred", prediction), ("img", sample["image"]), ("gt", sample["label"])):
                 _save_nii(out_dir / f"{sample['case']}_{suffix}.nii.gz", volume, spacing)
     summary = summarize_metrics(rows, METRICS)
+    summary["empty_gt_cases"] = [row["case"] for row in rows if row["empty_gt"]]
     summary["protocol"] = {
         "patch_size": list(patch_size), "stride_xy": stride_xy, "stride_z": stride_z, "nms": bool(nms),
         "units": "mm" if spacing else "voxels", "spacing": list(spacing) if spacing else None,

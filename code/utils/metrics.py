@@ -8,10 +8,17 @@ distances) instead of silently scoring 0 or crashing.
 import math
 
 import numpy as np
-from medpy.metric import binary
 from scipy import ndimage
 
 METRIC_KEYS = ("dice", "jaccard", "hd95", "asd")
+
+
+def medpy_binary():
+    """``medpy.metric.binary``, imported when first needed, so that a missing medpy is the one line of
+    ``utils.evaluation.check_evaluation_dependencies`` rather than a traceback when a script starts."""
+    from medpy.metric import binary
+
+    return binary
 
 
 def _empty_case_metrics(empty_pred, empty_gt):
@@ -39,6 +46,7 @@ def calculate_metric_percase(pred, gt, spacing=None):
     Returns ``{"dice", "jaccard", "hd95", "asd"}`` as floats plus the booleans ``empty_pred`` and
     ``empty_gt``; see :func:`_empty_case_metrics` for the values when either mask is empty.
     """
+    binary = medpy_binary()
     pred, gt = np.asarray(pred), np.asarray(gt)
     if pred.shape != gt.shape:
         raise ValueError(f"calculate_metric_percase: pred shape {pred.shape} differs from gt shape {gt.shape}")
@@ -62,7 +70,7 @@ def dice_score(pred, gt):
     pred, gt = np.asarray(pred) != 0, np.asarray(gt) != 0
     if not pred.any() and not gt.any():
         return 1.0
-    return float(binary.dc(pred, gt))
+    return float(medpy_binary().dc(pred, gt))
 
 
 def largest_connected_component(mask):

@@ -6,19 +6,31 @@ method. The run directory is ``<output_root>/{exp}_{labelnum}/{model}/`` (SSL4MI
 - ``log.txt``: SSL4MIS line format (``[HH:MM:SS.mmm] message``), one line per iteration;
 - ``log/``: tensorboardX scalars ``info/lr``, ``info/total_loss``, ``info/<term>``;
 - ``config.json``: every argument, the script, git commit, library versions, host, start time;
-- ``latest.pth``: the resumable state (networks, optimisers, RNG), rewritten atomically;
+- ``latest.pth``: the resumable state (networks, optimisers, RNG), rewritten atomically every
+  ``--save_interval`` iterations, every ``--save_minutes`` minutes, and when SIGINT or SIGTERM stops the run;
 - ``iter_<N>.pth``: network weights every ``--snapshot_interval`` iterations and at the end;
 - with ``--val_interval N``: a ``val_dice`` line in ``log.txt`` and the scalar ``val/dice`` every N iterations;
-- ``eval_<checkpoint>[_nms]/``: the final evaluation (see ``utils.evaluation``).
+- ``eval_<checkpoint>[_nms]/``: the final evaluation (see ``utils.evaluation``);
+- ``.lock``: held by the one process that trains in the folder (``utils.folder_lock``).
+
+What a run survives (the README's "What survives what"): SIGKILL or a power cut at any moment loses at most the
+iterations since the last save, and ``--resume`` continues bit-exactly (a deterministic CPU run ends with the
+same weights); SIGINT and SIGTERM save at the end of the current iteration, print the command that resumes and
+exit ``128 + signal``; a loss or a weight that turns NaN or infinite stops the run before anything is saved.
 """
+import atexit
 import datetime as dt
 import json
 import logging
+import math
 import os
 import platform
+import re
+import shlex
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -27,11 +39,13 @@ from tqdm import tqdm
 from dataloaders.registry import get_dataset_spec
 from dataloaders.samplers import InfiniteBatches, seed_worker
 from utils.args import RUNTIME_FLAGS
+from utils.atomic import write_atomically
 from utils.checkpoint import load_checkpoint, load_models, save_checkpoint
-from utils.cli import REPO_ROOT
-from utils.errors import UserError
-from utils.evaluation import (eval_mode, evaluate, format_summary, new_eval_dir, prepare_for_inference,
-                              validation_dice)
+from utils.cli import REPO_ROOT, install_stop_handlers
+from utils.errors import Interrupted, UserError, signal_name
+from utils.evaluation import (check_evaluation_dependencies, eval_mode, evaluate, format_summary,
+                              prepare_for_inference, validation_dice)
+from utils.folder_lock import LOCK_FILE, FolderLock
 from utils.lr_schedule import lr_at, set_lr
 from utils.runtime import autocast, capture_rng_state, restore_rng_state, seed_everything, select_device
 
@@ -112,11 +126,82 @@ def _make_writer(log_dir, logger):
     return SummaryWriter(str(log_dir))
 
 
+def write_json(path, value):
+    """Write ``value`` as indented JSON, atomically."""
+    write_atomically(path, lambda handle: handle.write((json.dumps(value, indent=2) + "\n").encode("utf-8")))
+
+
+def changed_settings(stored_args, current_args):
+    """``{flag: (stored, current)}`` for every setting of ``current_args`` that differs from the run's stored
+    ``config.json`` arguments, the flags that do not change what a run computes (``RUNTIME_FLAGS``) aside."""
+    return {k: (stored_args.get(k), v) for k, v in current_args.items()
+            if k not in RUNTIME_FLAGS and stored_args.get(k) != v}
+
+
+def describe_changes(changes):
+    """``--base_lr 0.01 -> 0.02, --labelnum 8 -> 16``."""
+    return ", ".join(f"--{k} {old} -> {new}" for k, (old, new) in sorted(changes.items()))
+
+
+def resume_command(argv=None):
+    """The command that continues the run started by ``argv`` (default ``sys.argv``): the same flags without
+    ``--overwrite``, with ``--resume``."""
+    argv = list(sys.argv if argv is None else argv)
+    flags = [flag for flag in argv[1:] if flag != "--overwrite"]
+    if "--resume" not in flags:
+        flags.append("--resume")
+    return shlex.join(["python", argv[0], *flags])
+
+
+def first_non_finite(values):
+    """``(name, value)`` of the term to blame when some of ``values`` (name -> float, the total first) are not
+    finite: the first non-finite term after the total, else the total; None when all are finite."""
+    bad = [(name, value) for name, value in values.items() if not math.isfinite(value)]
+    if not bad:
+        return None
+    total = next(iter(values))
+    return next(((name, value) for name, value in bad if name != total), bad[0])
+
+
+def non_finite_weight(weights):
+    """``(network, key)`` of the first floating-point tensor in ``weights`` (name -> state dict) holding a NaN
+    or an infinity, else None."""
+    for name, state in weights.items():
+        for key, tensor in state.items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                return name, key
+    return None
+
+
+def loader_error_message(exc):
+    """One line for an exception that a data loader worker raised: PyTorch re-raises it in the main process
+    with the worker's whole traceback in its message (``Caught DataError in DataLoader worker process 0.
+    Original Traceback ...``); the last line of that traceback holds the original message."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Caught "):
+        match = re.match(r"^[\w.]+: (.*)$", lines[-1].strip())
+        return match[1] if match else lines[-1].strip()
+    return lines[0] if lines else type(exc).__name__
+
+
+def shut_down_workers(iterator):
+    """Stop a data loader's workers at the process's exit, whatever way it exits.
+
+    The workers ignore SIGTERM (``dataloaders.samplers.seed_worker``), so the loader must stop them through
+    their queues; it does so when the iterator is garbage-collected, which an exit through an exception may
+    not reach before ``multiprocessing`` joins its children (and waits forever on a worker that ignored its
+    SIGTERM). Registered with ``atexit`` after PyTorch's own exit hook, so it runs before that hook turns the
+    shutdown into a no-op."""
+    shut_down = getattr(iterator, "_shutdown_workers", None)
+    if shut_down is not None:
+        shut_down()
+
+
 class TrainingRun:
     """Set up (or resume) the run described by ``args`` for the script ``script_file``.
 
-    Creating it validates the run directory against ``--resume``/``--overwrite``, opens the logs, writes
-    or checks ``config.json``, seeds everything and selects the device.
+    Creating it validates the run directory against ``--resume``/``--overwrite``, takes the folder's lock,
+    opens the logs, writes or checks ``config.json``, seeds everything and selects the device.
     """
 
     def __init__(self, args, script_file):
@@ -126,7 +211,8 @@ class TrainingRun:
         self.device = select_device(args.device)
         if args.amp and self.device.type != "cuda":
             raise UserError("--amp needs a CUDA device (bf16 autocast); drop it on the CPU")
-        self._prepare_directory()
+        check_evaluation_dependencies()
+        self._lock = self._prepare_directory()
         self.logger = _make_logger(self.dir / "log.txt")
         self._write_config()
         seed_everything(args.seed, bool(args.deterministic))
@@ -134,73 +220,184 @@ class TrainingRun:
         self.logger.info(str(args))
         self._bar = None
         self._validation = None
+        self._stop_signal = None
+        self._saved_iteration = None
+        self._last_save_time = time.monotonic()
 
     # -- directory and configuration -------------------------------------------------------------------
+    def _holds_anything(self):
+        return self.dir.is_dir() and any(p.name != LOCK_FILE for p in self.dir.iterdir())
+
     def _prepare_directory(self):
-        exists = self.dir.exists() and any(self.dir.iterdir())
+        """Create (or, with ``--resume``, find) the run folder and lock it; return the lock.
+
+        ``--overwrite`` moves an existing folder aside only after taking its lock, so a run that is still
+        training is never moved from under its process."""
+        try:
+            self.dir.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create the run folder {self.dir}: {exc.strerror or exc} "
+                            f"(--output_root {self.args.output_root})") from None
         if self.args.resume:
-            if not (self.dir / LATEST).is_file():
-                raise UserError(f"--resume: {self.dir} has no {LATEST} to continue from")
-            return
-        if exists and not self.args.overwrite:
+            if not self.dir.is_dir():
+                raise UserError(f"--resume: there is no run to continue at {self.dir} (no {LATEST}); "
+                                "start it without --resume")
+            return self._lock_folder()
+        if self._holds_anything() and not self.args.overwrite:
             raise UserError(f"run directory {self.dir} already exists; pass --resume to continue it or "
                             "--overwrite to start afresh (the old one is kept as <dir>.old-<time>)")
-        if exists:
-            stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-            aside = self.dir.with_name(f"{self.dir.name}.old-{stamp}")
-            os.replace(self.dir, aside)
-            print(f"--overwrite: moved the previous run to {aside}", file=sys.stderr)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        if self._holds_anything():
+            self._move_aside()
+        try:
+            self.dir.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create the run folder {self.dir}: {exc.strerror or exc}") from None
+        lock = self._lock_folder()
+        if self._holds_anything():
+            lock.release()
+            raise UserError(f"run directory {self.dir} was started by another process meanwhile; pass --resume "
+                            "to continue it")
+        return lock
+
+    def _move_aside(self):
+        """``--overwrite``: move the old run to ``<dir>.old-<time>`` while holding its lock."""
+        old_lock = self._lock_folder()
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        aside = self.dir.with_name(f"{self.dir.name}.old-{stamp}")
+        os.replace(self.dir, aside)
+        old_lock.release()
+        print(f"--overwrite: moved the previous run to {aside}", file=sys.stderr)
+
+    def _lock_folder(self):
+        """Take the run folder's lock (one line naming the holder when another process has it) and remove the
+        temporary files that a killed writer may have left (only the holder writes there)."""
+        if not os.access(self.dir, os.W_OK | os.X_OK):
+            raise UserError(f"run folder {self.dir} is not writable")
+        lock = FolderLock(self.dir).acquire("run folder")
+        for leftover in self.dir.glob(".*.tmp"):
+            leftover.unlink(missing_ok=True)
+        return lock
+
+    def _stored_config(self):
+        """``--resume``: the run's ``config.json``, or None when the run stopped before it wrote anything to
+        resume from (then the run starts over in its folder). One-line errors when it is missing beside a
+        checkpoint, unreadable, or written by another script."""
+        path = self.dir / "config.json"
+        if not path.is_file():
+            if (self.dir / LATEST).is_file():
+                raise UserError(f"--resume: {path} is missing, so the settings of {LATEST} cannot be checked; "
+                                "restore it, or start afresh with --overwrite")
+            return None
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(stored, dict) or not isinstance(stored.get("args"), dict):
+                raise ValueError("no 'args' object")
+        except (OSError, ValueError) as exc:
+            raise UserError(f"--resume: {path} cannot be read ({type(exc).__name__}: {exc}); restore it, or "
+                            "start afresh with --overwrite") from None
+        if stored.get("script") != self.script:
+            raise UserError(f"--resume: {self.dir} is a run of {stored.get('script')}, not of {self.script}")
+        return stored
 
     def _write_config(self):
         path = self.dir / "config.json"
-        current = {k: v for k, v in vars(self.args).items()}
-        if self.args.resume:
-            stored = json.loads(path.read_text())
-            changed = {k: (stored["args"].get(k), v) for k, v in current.items()
-                       if k not in RUNTIME_FLAGS and stored["args"].get(k) != v}
-            if changed:
-                detail = ", ".join(f"--{k} {old} -> {new}" for k, (old, new) in sorted(changed.items()))
-                raise UserError(f"--resume with settings that differ from the run's config.json: {detail}")
-            stored.setdefault("resumed", []).append(dt.datetime.now().isoformat(timespec="seconds"))
-            config = stored
-        else:
+        current = dict(vars(self.args))
+        stored = self._stored_config() if self.args.resume else None
+        now = dt.datetime.now().isoformat(timespec="seconds")
+        if stored is None:
             config = {"script": self.script, "args": current, "command": sys.argv,
                       "git": _git_info(self.dir), "versions": _versions(), "host": socket.gethostname(),
-                      "device": str(self.device), "started": dt.datetime.now().isoformat(timespec="seconds")}
-        tmp = path.with_name(".config.json.tmp")
-        tmp.write_text(json.dumps(config, indent=2) + "\n")
-        os.replace(tmp, path)
+                      "device": str(self.device), "started": now}
+        else:
+            config = stored
+            changed = changed_settings(stored["args"], current)
+            if changed:
+                detail = describe_changes(changed)
+                if not self.args.accept_changes:
+                    raise UserError(f"--resume with settings that differ from the run's config.json: {detail} "
+                                    "(add --accept_changes to continue with the new ones)")
+                config["args"] = {**stored["args"], **{k: new for k, (_, new) in changed.items()}}
+                config.setdefault("changes", []).append({"time": now, "flags": {k: list(v) for k, v in
+                                                                                changed.items()}})
+            config.setdefault("resumed", []).append(now)
+            if changed:
+                self.logger.info(f"--accept_changes: continuing with {detail}")
+        write_json(path, config)
 
     # -- state ------------------------------------------------------------------------------------------
     def restore(self, models, optimizers):
         """With ``--resume``, load ``latest.pth`` into the networks and optimisers and restore every RNG;
-        return the iteration to continue from (0 for a new run)."""
+        return the iteration to continue from (0 for a new run, and for a run stopped before its first
+        checkpoint: nothing was learnt, so it starts over)."""
         if not self.args.resume:
             return 0
         path = self.dir / LATEST
-        state = load_checkpoint(path, map_location=self.device)
+        if not path.is_file():
+            snapshots = sorted(p.name for p in self.dir.glob("iter_*.pth"))
+            if snapshots:
+                raise UserError(f"--resume: {self.dir} has weights ({', '.join(snapshots)}) but no {LATEST}, so "
+                                "the run cannot continue exactly; start it afresh with --overwrite")
+            self.logger.info(f"--resume: the run stopped before its first {LATEST}; starting from iteration 0")
+            return 0
+        state = load_checkpoint(path, map_location=self.device,
+                                hint="the run cannot continue from it; start it afresh with --overwrite (the "
+                                     "damaged run is kept aside), or evaluate one of its iter_N.pth with "
+                                     "code/test_3D.py --checkpoint")
         load_models(state, models, path, self.script)
         for name, optimizer in optimizers.items():
             optimizer.load_state_dict(state["optimizers"][name])
         restore_rng_state({k: (v.cpu() if torch.is_tensor(v) else v) for k, v in state["rng"].items()})
+        self._saved_iteration = int(state["iteration"])
         self.logger.info(f"resumed from {path} at iteration {state['iteration']}")
         return int(state["iteration"])
 
     def save(self, iteration, models, optimizers):
-        """Write ``latest.pth`` every ``--save_interval`` iterations and ``iter_N.pth`` every
-        ``--snapshot_interval``, both at the last iteration; then :meth:`validate` (``--val_interval``)."""
-        last = iteration == self.args.max_iterations
-        weights = {name: m.state_dict() for name, m in models.items()}
-        if last or iteration % self.args.snapshot_interval == 0:
-            save_checkpoint(self.dir / snapshot_name(iteration),
-                            {"script": self.script, "iteration": iteration, "models": weights})
-        if last or iteration % self.args.save_interval == 0:
-            save_checkpoint(self.dir / LATEST, {
-                "script": self.script, "iteration": iteration, "models": weights,
-                "optimizers": {name: o.state_dict() for name, o in optimizers.items()},
-                "rng": capture_rng_state()})
+        """Write ``latest.pth`` every ``--save_interval`` iterations, every ``--save_minutes`` minutes and when
+        a stop signal arrived, ``iter_N.pth`` every ``--snapshot_interval``, both at the last iteration; then
+        stop if a signal asked for it, else :meth:`validate` (``--val_interval``).
+
+        Weights holding a NaN or an infinity are never written: the run stops with one line and the last
+        checkpoint stays as it was."""
+        args = self.args
+        last = iteration == args.max_iterations
+        if last or iteration % args.snapshot_interval == 0:
+            save_checkpoint(self.dir / snapshot_name(iteration), {
+                "script": self.script, "iteration": iteration, "models": self._finite_weights(iteration, models)})
+        time_due = args.save_minutes > 0 and time.monotonic() - self._last_save_time >= 60 * args.save_minutes
+        if last or iteration % args.save_interval == 0 or time_due or self._stop_signal is not None:
+            self._save_latest(iteration, models, optimizers)
+        if self._stop_signal is not None:
+            if self._saved_iteration != iteration:  # the signal came while the files above were written
+                self._save_latest(iteration, models, optimizers)
+            self._stop(iteration)
         self.validate(iteration)
+
+    def _save_latest(self, iteration, models, optimizers):
+        save_checkpoint(self.dir / LATEST, {
+            "script": self.script, "iteration": iteration, "models": self._finite_weights(iteration, models),
+            "optimizers": {name: o.state_dict() for name, o in optimizers.items()}, "rng": capture_rng_state()})
+        self._saved_iteration, self._last_save_time = iteration, time.monotonic()
+
+    def _finite_weights(self, iteration, models):
+        """The networks' state dicts, after checking that they hold no NaN or infinity (else :meth:`_fail`)."""
+        weights = {name: m.state_dict() for name, m in models.items()}
+        found = non_finite_weight(weights)
+        if found is not None:
+            self._fail(f"iteration {iteration}: network {found[0]!r} holds NaN or infinite values ({found[1]})")
+        return weights
+
+    def _fail(self, problem):
+        """Stop the run for a numerical problem, naming what the user can do; nothing is saved."""
+        if self._saved_iteration is None:
+            kept = "no checkpoint was written yet; start again with other settings and --overwrite"
+        else:
+            kept = (f"{LATEST} of iteration {self._saved_iteration} is intact: continue it with other settings "
+                    f"(--resume --accept_changes and, for example, a lower --base_lr) or start afresh with "
+                    f"--overwrite")
+        message = f"{problem}; the run stopped without saving, {kept}"
+        self.logger.info(f"error: {message}", extra={"console": False})
+        self._close_bar()
+        raise UserError(message)
 
     def validate(self, iteration):
         """With ``--val_interval N``, every N iterations (called by :meth:`save`): the mean Dice of the script's
@@ -221,6 +418,32 @@ class TrainingRun:
         if self.writer is not None:
             self.writer.add_scalar("val/dice", dice, iteration)
 
+    # -- stop signals -----------------------------------------------------------------------------------
+    def _request_stop(self, signum, frame):
+        """Signal handler of the training loop: remember the signal; :meth:`save` saves and stops at the end
+        of the current iteration. Further signals change nothing (a scheduler and a shell may both send
+        one); SIGKILL stops at once."""
+        if self._stop_signal is None:
+            self._stop_signal = signum
+            note = (f"\n{signal_name(signum)}: stopping at the end of this iteration after saving {LATEST} "
+                    f"(kill -9 {os.getpid()} stops at once and loses the iterations since the last save)\n")
+            os.write(sys.stderr.fileno(), note.encode())
+
+    def _stop(self, iteration):
+        """Leave the loop after the save of a stop signal with :class:`~utils.errors.Interrupted`, which
+        ``run_cli`` turns into the message and exit status ``128 + signal``."""
+        name = signal_name(self._stop_signal)
+        if iteration == self.args.max_iterations:
+            message = (f"stopped by {name} after the last iteration; the weights are in "
+                       f"{self.dir / snapshot_name(iteration)}. Evaluate them with:\n"
+                       f"  python code/test_3D.py --run {shlex.quote(str(self.dir))}")
+        else:
+            message = (f"stopped by {name} after iteration {iteration}; {LATEST} is saved. Resume with:\n"
+                       f"  {resume_command()}")
+        self.logger.info(message.splitlines()[0], extra={"console": False})
+        self._close_bar()
+        raise Interrupted(self._stop_signal, message)
+
     # -- loop helpers -----------------------------------------------------------------------------------
     def sgd(self, parameters):
         """SGD over ``parameters`` with ``--base_lr --momentum --weight_decay`` (every anchor's optimiser)."""
@@ -229,8 +452,10 @@ class TrainingRun:
 
     def begin(self, models, optimizers, train_set, sampler, predict=None):
         """Restore a resumed run (:meth:`restore`), open the endless batch stream at the iteration reached
-        and log what the run trains on; return ``(start_iteration, batches)``. ``predict(models, x)``, the
-        script's inference, is what ``--val_interval`` validates (:meth:`validate`)."""
+        and log what the run trains on, with every warning about its data; return
+        ``(start_iteration, batches)``. ``predict(models, x)``, the script's inference, is what
+        ``--val_interval`` validates (:meth:`validate`)."""
+        self._record_training_cases(train_set)
         start = self.restore(models, optimizers)
         if self.args.val_interval:
             self._validation = (predict, models, self._validation_set(predict))
@@ -240,7 +465,25 @@ class TrainingRun:
         else:
             cases = f"{self.args.labelnum} labelled + {len(train_set) - self.args.labelnum} unlabelled cases"
         self.logger.info(f"{cases}, {len(sampler)} iterations per epoch, device {self.device}")
+        for warning in getattr(train_set, "warnings", ()):
+            self.logger.info(f"warning: {warning}")
+        self._last_save_time = time.monotonic()
         return start, batches
+
+    def _record_training_cases(self, train_set):
+        """Keep the training cases in ``config.json`` (in order: the first ``--labelnum`` are the labelled ones);
+        a resumed run whose list changed since it started stops, rather than training on other cases."""
+        path = self.dir / "config.json"
+        config = json.loads(path.read_text(encoding="utf-8"))
+        cases = list(train_set.case_ids)
+        stored = config.get("training_cases")
+        if stored is not None and stored != cases:
+            raise UserError(f"--resume: the training list under {self.args.root_path} changed since the run started "
+                            f"({len(stored)} cases then, {len(cases)} now, or another order); restore it, or start "
+                            "afresh with --overwrite")
+        if stored is None:
+            config["training_cases"] = cases
+            write_json(path, config)
 
     def _validation_set(self, predict):
         """The dataset's validation split (``--val_interval``; ``utils.args`` has checked that it has one)."""
@@ -250,9 +493,19 @@ class TrainingRun:
         return spec.dataset_class(self.args.root_path, "val", num_classes=spec.num_classes)
 
     def next_batch(self, batches):
-        """The next batch with every tensor on the run's device."""
+        """The next batch with every tensor on the run's device; an error in a loader worker (a case file
+        that went bad during the run) is one line, not the worker's traceback."""
+        try:
+            batch = next(batches)
+        except (UserError, OSError) as exc:
+            raise UserError(f"while loading a training batch: {loader_error_message(exc)}") from None
+        except RuntimeError as exc:
+            if "DataLoader worker" not in str(exc):
+                raise
+            raise UserError(f"{loader_error_message(exc)} (out of memory? try fewer --num_workers, or "
+                            "--num_workers 0 to see the error in the main process)") from None
         return {key: value.to(self.device, non_blocking=True) if torch.is_tensor(value) else value
-                for key, value in next(batches).items()}
+                for key, value in batch.items()}
 
     def update_lr(self, iteration, optimizers):
         """Set the learning rate of (0-based) ``iteration`` (``--lr_schedule`` and its flags) on every
@@ -270,13 +523,22 @@ class TrainingRun:
             dataset, batch_sampler=batches, num_workers=self.args.num_workers,
             pin_memory=self.device.type == "cuda", generator=generator,
             worker_init_fn=seed_worker)
-        return iter(loader)
+        iterator = iter(loader)
+        atexit.register(shut_down_workers, iterator)
+        return iterator
 
     def iterations(self, start):
-        """Iterations ``start .. max_iterations - 1`` with a tqdm bar showing loss and lr."""
+        """Iterations ``start .. max_iterations - 1`` with a tqdm bar showing loss and lr. From here on SIGINT
+        and SIGTERM stop the run at the end of an iteration, after saving it (:meth:`save`)."""
+        install_stop_handlers(self._request_stop)
         self._bar = tqdm(range(start, self.args.max_iterations), initial=start, total=self.args.max_iterations,
                          ncols=100, desc=self.script, disable=not self.args.progress, file=sys.stdout)
         return self._bar
+
+    def _close_bar(self):
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
     def autocast(self):
         """bf16 autocast on CUDA when ``--amp`` is given."""
@@ -284,12 +546,18 @@ class TrainingRun:
 
     def log(self, iteration, lr, **terms):
         """Log the loss terms of an iteration (1-based count of finished iterations): a ``log.txt`` line in
-        SSL4MIS format, tensorboard scalars, and the progress bar. The first term is the total loss."""
+        SSL4MIS format, tensorboard scalars, and the progress bar. The first term is the total loss.
+
+        A term that is NaN or infinite stops the run here, before :meth:`save` could write the damage, with
+        a line naming the iteration and the term."""
         values = {name: value.item() if torch.is_tensor(value) else float(value) for name, value in terms.items()}
         names = list(values)
         line = f"iteration {iteration} : {names[0]} : {values[names[0]]:f}"
         line += "".join(f", {name}: {values[name]:f}" for name in names[1:]) + f", lr: {lr:g}"
         self.logger.info(line, extra={"console": False})
+        culprit = first_non_finite(values)
+        if culprit is not None:
+            self._fail(f"iteration {iteration}: the loss term {culprit[0]} is {culprit[1]}")
         if self.writer is not None:
             self.writer.add_scalar("info/lr", lr, iteration)
             for name, value in values.items():
@@ -299,20 +567,20 @@ class TrainingRun:
 
     # -- end of run -------------------------------------------------------------------------------------
     def finish(self, predict, models, test_dataset, num_classes):
-        """Close the logs and evaluate the final weights on the test list (unless ``--no_eval``)."""
-        if self._bar is not None:
-            self._bar.close()
+        """Close the logs and evaluate the final weights on the test list (unless ``--no_eval``). A signal
+        now stops the evaluation at once: the weights are saved, and ``test_3D.py`` evaluates them."""
+        install_stop_handlers()
+        self._close_bar()
         self.logger.info(f"training finished at iteration {self.args.max_iterations}; weights in {self.dir}")
         summary = None
         if not self.args.no_eval:
             prepare_for_inference(models, self.device)
-            out_dir = new_eval_dir(self.dir, snapshot_name(self.args.max_iterations), self.args.nms)
-            summary = evaluate(
-                lambda x: predict(models, x), test_dataset, out_dir, patch_size=self.args.patch_size,
+            checkpoint = snapshot_name(self.args.max_iterations)
+            summary, out_dir = evaluate(
+                lambda x: predict(models, x), test_dataset, self.dir, checkpoint, patch_size=self.args.patch_size,
                 stride_xy=self.args.stride_xy, stride_z=self.args.stride_z, num_classes=num_classes,
                 device=self.device, sw_batch_size=self.args.sw_batch_size, nms=bool(self.args.nms),
-                protocol_extra={"checkpoint": snapshot_name(self.args.max_iterations),
-                                "iteration": self.args.max_iterations, "split": "test"},
+                protocol_extra={"checkpoint": checkpoint, "iteration": self.args.max_iterations, "split": "test"},
                 progress=bool(self.args.progress))
             self.logger.info(f"test ({out_dir.name}): {format_summary(summary)}")
             if self.writer is not None:
@@ -320,4 +588,3 @@ class TrainingRun:
         if self.writer is not None:
             self.writer.close()
         return summary
-

@@ -28,6 +28,7 @@ CODE_DIR = str(Path(__file__).resolve().parents[1])
 if CODE_DIR not in sys.path:
     sys.path.insert(0, CODE_DIR)
 
+from utils.atomic import write_atomically  # noqa: E402
 from utils.cli import ArgumentParser, output_path, resolve_path, run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
@@ -486,7 +487,8 @@ def main(argv=None):
     results = collect(resolve_path(args.model_dir))
     out = output_path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(results, args.title, args.note, model_label=args.model_dir), encoding="utf-8")
+    text = render(results, args.title, args.note, model_label=args.model_dir)
+    write_atomically(out, lambda handle: handle.write(text.encode("utf-8")))
     print(f"{len(results.rows)} rows from {results.num_runs} runs -> {out}")
 
 
