@@ -5,16 +5,18 @@
 #   bash reproduce.sh                              # LA at data/LA: 8 and 16 labels, seed 1337, paper protocols
 #   LABELNUMS="8" SEEDS="1337 2024 42" bash reproduce.sh
 #   DATA_ROOT=/data/LA DEVICE=cuda bash reproduce.sh
-#   QUICK=1 bash reproduce.sh                      # CPU protocol on half-resolution LA (about an hour, 2 cores)
+#   QUICK=1 bash reproduce.sh                      # CPU protocol on half-resolution LA (hours on 2 cores)
 #
 # Three protocols, chosen by what is there:
 # - the papers' (DATA_ROOT holds LA): every method with its paper's iterations, patch and schedule, plus the
 #   fully supervised upper bound; table docs/results.md, figures docs/figures/.
-# - QUICK=1 (DATA_ROOT holds LA): a CPU protocol. A half-resolution copy of LA is written once to
-#   data/LA_half (code/dataloaders/resample.py); every method runs at 8 labels on 48x48x32 crops in batches
-#   of 2 (1 labelled + 1 unlabelled) for QUICK_ITERATIONS (default 200) iterations, its schedule (lr steps,
-#   consistency ramps, mixing start) shrunk in proportion, and is evaluated at stride 24/16; table
-#   docs/results_quick.md, figures docs/figures_quick/. Not comparable with the papers.
+# - QUICK=1 (DATA_ROOT holds LA): a CPU protocol defined by convergence (docs/results_quick.md). A
+#   half-resolution copy of LA is written once to data/LA_half (code/dataloaders/resample.py); every method
+#   runs at 8 labels with networks of width QUICK_WIDTH (default 8: --n_filters, the same for all) on 48x48x32
+#   crops in batches of 2 (1 labelled + 1 unlabelled) for QUICK_ITERATIONS (default 2250) iterations, its
+#   schedule (lr steps, consistency ramps, mixing start) shrunk in proportion, and every method is evaluated the
+#   same way: sliding window at stride 16/8, largest component off; table docs/results_quick.md, figures
+#   docs/figures_quick/. Not comparable with the papers.
 # - no dataset at DATA_ROOT: the synthetic quick start. A synthetic dataset is written to SYNTHETIC_ROOT
 #   (default data/synthetic_LA) and every method runs QUICK_ITERATIONS (default 10) iterations on 64x64x32
 #   crops, batches of 2, sliding window at stride 32/16; table and figures go next to the runs. Its numbers
@@ -24,7 +26,7 @@
 # (default "1337"), METHODS (default: every method below), UPPER_BOUND (1: also the supervised run on every
 # training case; default 1), DEVICE (auto|cpu|cuda, default auto), EXTRA_ARGS (added to every training
 # command), OUTPUT_ROOT (where the runs go, default model/reproduce/<protocol>), RESULTS and FIGURES (where the
-# table and the figures go), PLOTS (0: no figures), QUICK_ITERATIONS, QUICK_PATCH, QUICK_STRIDE ("XY Z"),
+# table and the figures go), PLOTS (0: no figures), QUICK_ITERATIONS, QUICK_PATCH, QUICK_STRIDE ("XY Z"), QUICK_WIDTH,
 # HALF_ROOT, SYNTHETIC_ROOT, SYNTHETIC_SHAPE. Finished runs are skipped, interrupted ones resumed (--resume), and a failed run is
 # reported while the others go on; the script exits non-zero at the end if any failed.
 set -uo pipefail
@@ -96,14 +98,18 @@ if [ -f "$DATA_ROOT/train.list" ]; then
         fi
         DATA_ROOT=$HALF_ROOT
         LABELNUMS=${LABELNUMS:-8}
-        QUICK_ITERATIONS=${QUICK_ITERATIONS:-200}
+        QUICK_ITERATIONS=${QUICK_ITERATIONS:-2250}
         QUICK_PATCH=${QUICK_PATCH:-"48 48 32"}
-        QUICK_STRIDE=${QUICK_STRIDE:-"24 16"}
+        QUICK_STRIDE=${QUICK_STRIDE:-"16 8"}
+        QUICK_WIDTH=${QUICK_WIDTH:-8}
+        QUICK_NMS=0
         RESULTS=${RESULTS:-docs/results_quick.md}
         FIGURES=${FIGURES:-docs/figures_quick}
-        NOTE="CPU protocol (QUICK=1 bash reproduce.sh): LA at half resolution, $QUICK_ITERATIONS iterations on \
-${QUICK_PATCH// /x} crops in batches of 1 labelled + 1 unlabelled, schedules shrunk in proportion, sliding \
-window at stride ${QUICK_STRIDE// //}. NOT comparable with the papers' numbers."
+        NOTE="CPU protocol (QUICK=1 bash reproduce.sh): LA at half resolution, networks of width $QUICK_WIDTH, \
+$QUICK_ITERATIONS iterations on ${QUICK_PATCH// /x} crops in batches of 2 (1 labelled + 1 unlabelled for the \
+semi-supervised methods), schedules \
+shrunk in proportion, every method evaluated with the sliding window at stride ${QUICK_STRIDE// //} and the \
+largest component off. NOT comparable with the papers' numbers."
     else
         PROTOCOL=LA
         LABELNUMS=${LABELNUMS:-"8 16"}
@@ -126,6 +132,7 @@ else
     QUICK_ITERATIONS=${QUICK_ITERATIONS:-10}
     QUICK_PATCH=${QUICK_PATCH:-"64 64 32"}
     QUICK_STRIDE=${QUICK_STRIDE:-"32 16"}
+    QUICK_WIDTH=${QUICK_WIDTH:-16}
     NOTE="Synthetic quick start (no dataset found): it shows that the pipeline works; the numbers mean nothing."
 fi
 OUTPUT_ROOT=${OUTPUT_ROOT:-model/reproduce/$PROTOCOL}
@@ -143,7 +150,9 @@ COMMON=(--root_path "$DATA_ROOT" --output_root "$OUTPUT_ROOT" --device "$DEVICE"
 if [ "$QUICK" = 1 ]; then
     read -r stride_xy stride_z <<< "$QUICK_STRIDE"
     # shellcheck disable=SC2206
-    COMMON+=(--patch_size $QUICK_PATCH --stride_xy "$stride_xy" --stride_z "$stride_z" --batch_size 2)
+    COMMON+=(--patch_size $QUICK_PATCH --stride_xy "$stride_xy" --stride_z "$stride_z" --batch_size 2
+             --n_filters "$QUICK_WIDTH")
+    [ -n "${QUICK_NMS:-}" ] && COMMON+=(--nms "$QUICK_NMS")
 fi
 
 scaled() {  # scaled VALUE FROM TO: VALUE x TO / FROM, rounded, at least 1 (a schedule shrunk to a shorter run)
@@ -192,8 +201,12 @@ run_one() {  # run_one METHOD LABELNUM SEED: train (or resume, or skip) and eval
     local iterations=${ITERATIONS[$method]}
     [ "$QUICK" = 1 ] && iterations=$QUICK_ITERATIONS
     # shellcheck disable=SC2206
-    local args=(--exp "$exp" --labelnum "$labelnum" --seed "$seed" $schedule "${COMMON[@]}" $EXTRA_ARGS)
+    local args=(--exp "$exp" --labelnum "$labelnum" --seed "$seed" $schedule "${COMMON[@]}")
     [ "$QUICK" = 1 ] && [ "$method" != supervised ] && args+=(--labeled_bs 1)  # batches of 1 + 1 crops
+    # small crops fit in memory without recomputing activations (a runtime flag: the same weights, faster)
+    [ "$QUICK" = 1 ] && [[ " ucseg ugpl " == *" $method "* ]] && args+=(--recompute off)
+    # shellcheck disable=SC2206
+    args+=($EXTRA_ARGS)  # last, so that the caller's flags win
     if [ -f "$run/iter_${iterations}.pth" ]; then
         if ! step "$PYTHON" code/utils/same_settings.py "$run" "code/$script" "${args[@]}"; then
             echo "!! $method, $labelnum labels, seed $seed: the finished run in $run was trained with other"

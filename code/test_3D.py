@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from dataloaders.registry import get_dataset_spec  # noqa: E402
 from dataloaders.training_data import evaluation_warnings  # noqa: E402
-from utils.args import RUNTIME_FLAGS  # noqa: E402
+from utils.args import RUNTIME_FLAGS, stored_args  # noqa: E402
 from utils.checkpoint import load_checkpoint, load_models, other_checkpoints  # noqa: E402
 from utils.cli import ArgumentParser, resolve_path, run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
@@ -70,7 +70,7 @@ def read_run(run_dir):
         raise UserError(f"{run_dir} is not a run directory (no config.json)")
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-        script, run_args = config["script"], dict(config["args"])
+        script, run_args = config["script"], stored_args(config)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{config_path} is not a valid run configuration ({type(exc).__name__}: {exc})") from None
     try:

@@ -44,8 +44,8 @@ def get_parser():
 def build_networks(args):
     """The two differently initialised V-Nets, on the CPU (also used by test_3D.py)."""
     def vnet():
-        return net_factory_3d(args.model, in_chns=1, class_num=2, normalization="batchnorm",
-                              has_dropout=bool(args.has_dropout))
+        return net_factory_3d(args.model, in_chns=1, class_num=2, n_filters=args.n_filters,
+                              normalization="batchnorm", has_dropout=bool(args.has_dropout))
     return {"model1": kaiming_normal_init(vnet()), "model2": xavier_normal_init(vnet())}
 
 

@@ -47,8 +47,8 @@ def get_parser():
 
 def build_networks(args):
     """The dual-task V-Net (one segmentation channel, one distance channel), on the CPU."""
-    return {"model": net_factory_3d(args.model, in_chns=1, class_num=1, normalization="batchnorm",
-                                    has_dropout=bool(args.has_dropout))}
+    return {"model": net_factory_3d(args.model, in_chns=1, class_num=1, n_filters=args.n_filters,
+                                    normalization="batchnorm", has_dropout=bool(args.has_dropout))}
 
 
 def predict(nets, x):

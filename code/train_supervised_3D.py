@@ -35,7 +35,7 @@ def get_parser():
 
 def build_networks(args):
     """The networks of this method, on the CPU, by name (also used by test_3D.py)."""
-    return {"model": net_factory_3d(args.model, in_chns=1, class_num=2, normalization="batchnorm",
+    return {"model": net_factory_3d(args.model, in_chns=1, class_num=2, n_filters=args.n_filters, normalization="batchnorm",
                                     has_dropout=bool(args.has_dropout))}
 
 

@@ -52,7 +52,7 @@ from utils.run import TrainingRun  # noqa: E402
 
 MODEL = "unet_3D_vnet"
 NUM_CLASSES = 2
-ENCODER_WIDTHS = (16, 32, 64, 128, 256)  # both subnets, encoder levels 1..5
+LEVEL_FACTORS = (1, 2, 4, 8, 16)  # encoder width of levels 1..5 of both subnets, in --n_filters
 DICE_SMOOTH = 1e-5
 GATE_DICE_EPS = 1e-3
 DICE_REDUCTIONS = ("slice", "volume")
@@ -175,14 +175,16 @@ def queue_name(subnet, level):
 
 def build_networks(args):
     """The two subnets, the UPG head and the memory queues (buffers), on the CPU (also used by test_3D.py)."""
-    net1 = net_factory_3d("unet_3D", in_chns=1, class_num=NUM_CLASSES, dropout=args.unet_dropout)
-    net2 = net_factory_3d("vnet", in_chns=1, class_num=NUM_CLASSES, normalization="none", has_dropout=False)
+    net1 = net_factory_3d("unet_3D", in_chns=1, class_num=NUM_CLASSES, n_filters=args.n_filters,
+                          dropout=args.unet_dropout)
+    net2 = net_factory_3d("vnet", in_chns=1, class_num=NUM_CLASSES, n_filters=args.n_filters, normalization="none",
+                          has_dropout=False)
     upg = UncertaintyGuidedFusion(args.patch_size, NUM_CLASSES, patch=args.upg_patch, dim=args.upg_dim,
                                   heads=args.upg_heads, head_dim=args.upg_head_dim, mlp_dim=args.upg_mlp_dim,
                                   dropout=args.upg_dropout)
     queues = nn.ModuleDict({
-        queue_name(subnet, level): ClassMemoryQueue(NUM_CLASSES, ENCODER_WIDTHS[level - 1], args.queue_size,
-                                                    shared_pointer=bool(args.shared_queue_pointer))
+        queue_name(subnet, level): ClassMemoryQueue(NUM_CLASSES, args.n_filters * LEVEL_FACTORS[level - 1],
+                                                    args.queue_size, shared_pointer=bool(args.shared_queue_pointer))
         for subnet in (1, 2) for level in args.contrast_levels})
     return {"net1": net1, "net2": net2, "upg": upg, "queues": queues}
 

@@ -92,7 +92,7 @@ def uses_teacher(args):
 
 def build_networks(args):
     """Student (``model``) and EMA teacher (``ema_model``), on the CPU (also used by test_3D.py)."""
-    model = net_factory_3d(args.model, in_chns=1, class_num=2, normalization="batchnorm",
+    model = net_factory_3d(args.model, in_chns=1, class_num=2, n_filters=args.n_filters, normalization="batchnorm",
                            has_dropout=bool(args.has_dropout))
     return {"model": model, "ema_model": make_teacher(model)}
 

@@ -111,7 +111,7 @@ def build_networks(args):
     """Subnet A (``--model``, the ResNet-34 V-Net) and subnet B (the V-Net), on the CPU, with the code's
     He-normal weights on every convolution and transposed convolution (also used by test_3D.py)."""
     def network(name):
-        net = net_factory_3d(name, in_chns=1, class_num=2, normalization="batchnorm",
+        net = net_factory_3d(name, in_chns=1, class_num=2, n_filters=args.n_filters, normalization="batchnorm",
                              has_dropout=bool(args.has_dropout))
         return kaiming_normal_init(net, transposed=True)
     return {"subnet_a": network(args.model), "subnet_b": network("vnet")}

@@ -111,7 +111,8 @@ def args(**overrides):
     base = dict(patch_size=[112, 112, 80], stride_xy=18, stride_z=4, labelnum=8, max_iterations=10, batch_size=4,
                 save_interval=1, save_minutes=10.0, snapshot_interval=1, sw_batch_size=1, num_workers=0,
                 base_lr=0.01, lr_step=2500, lr_gamma=0.1, momentum=0.9, weight_decay=1e-4, labeled_bs=2,
-                resume=False, overwrite=False, accept_changes=False, exp="LA/MT", model="vnet", output_root="model")
+                resume=False, overwrite=False, accept_changes=False, exp="LA/MT", model="vnet", output_root="model",
+                n_filters=16)
     return argparse.Namespace(**{**base, **overrides})
 
 
@@ -188,6 +189,7 @@ def test_an_unreadable_test_case_stops_the_run_before_training(dataset_copy, tmp
     (["--stride_xy", "0"], "strides must be positive"),
     (["--sw_batch_size", "0"], "--sw_batch_size must be at least 1"),
     (["--lr_step", "0"], "--lr_step must be at least 1"),
+    (["--n_filters", "0"], "--n_filters must be at least 1"),
     (["--lr_gamma", "-0.1"], "--lr_gamma must be >= 0"),
     (["--base_lr", "nan"], "--base_lr must be a finite number, got nan"),
     (["--base_lr", "inf"], "--base_lr must be a finite number, got inf"),

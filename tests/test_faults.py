@@ -249,6 +249,14 @@ def test_test_3d_with_a_config_missing_arguments_names_them(finished_copy):
     assert_one_line_error(run_script("test_3D.py", "--run", finished_copy, check=False), "lacks", "--has_dropout")
 
 
+def test_a_run_of_code_older_than_a_flag_is_read_with_the_value_it_was_trained_with(finished_copy):
+    config = json.loads((finished_copy / "config.json").read_text())
+    del config["args"]["n_filters"]  # runs made before --n_filters existed were all width 16
+    (finished_copy / "config.json").write_text(json.dumps(config))
+    proc = run_script("test_3D.py", "--run", finished_copy, "--progress", "0")
+    assert "Dice" in proc.stdout
+
+
 # -- evaluation settings, checked before the first case ----------------------------------------------------
 @pytest.mark.parametrize("flags, fragment", [
     (["--patch_size", "40", "40", "24"], "multiple of 16"),

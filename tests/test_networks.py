@@ -88,3 +88,40 @@ def test_vnet_sdf_adds_a_tanh_distance_head_to_the_same_vnet():
     assert logits.shape == (2, 2, 32, 32, 16) and sdf.shape == (2, 1, 32, 32, 16)
     assert sdf.abs().max() < 1
     assert features["decoder"].shape == (2, 16, 32, 32, 16)
+
+
+# -- network width (--n_filters) ----------------------------------------------------------------------------
+@pytest.mark.parametrize("name, kwargs, at_16, at_8", [
+    ("vnet", {}, 9_448_866, 2_364_434),
+    ("vnet", {"normalization": "none"}, 9_443_266, 2_361_634),
+    ("vnet_sdf", {}, 9_448_883, 2_364_443),
+    ("resnet_vnet", {}, 17_930_354, 4_486_778),
+    ("unet_3D", {}, 5_884_050, 1_471_498),
+])
+def test_parameter_counts_at_width_16_and_8(name, kwargs, at_16, at_8):
+    assert count(net_factory_3d(name, 1, 2, **kwargs)) == at_16  # the default width is the papers' 16
+    assert count(net_factory_3d(name, 1, 2, n_filters=16, **kwargs)) == at_16
+    assert count(net_factory_3d(name, 1, 2, n_filters=8, **kwargs)) == at_8
+
+
+SCRIPTS = ("train_supervised_3D", "train_mt_3D", "train_uamt_3D", "train_dtc_3D", "train_cps_3D", "train_ugmcl_3D",
+           "train_ucseg_3D", "train_ugpl_3D")
+
+
+def first_convolution_width(net):
+    return next(m for m in net.modules() if isinstance(m, torch.nn.Conv3d)).out_channels
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_builds_its_networks_at_the_width_asked(script):
+    import importlib
+
+    module = importlib.import_module(script)
+    default = module.build_networks(module.get_parser().parse_args([]))
+    sixteen = module.build_networks(module.get_parser().parse_args(["--n_filters", "16"]))
+    eight = module.build_networks(module.get_parser().parse_args(["--n_filters", "8"]))
+    assert {name: count(net) for name, net in default.items()} == {name: count(net) for name, net in sixteen.items()}
+    for name, net in default.items():
+        if any(isinstance(m, torch.nn.Conv3d) for m in net.modules()) and name != "upg":  # UC-Seg's fusion head
+            assert first_convolution_width(net) == 16 and first_convolution_width(eight[name]) == 8, name
+            assert count(eight[name]) < count(net) / 3.5, name

@@ -35,13 +35,17 @@ def test_quick_path_trains_evaluates_and_tabulates_every_method(quick):
     assert evaluated == sorted(["Supervised_4", "MT_4", "UAMT_4", "DTC_4", "CPS_4", "UGMCL_4", "UCSeg_4", "UGPL_4",
                                 "Supervised_16"])
     table = (tmp_path / "runs" / "results.md").read_text(encoding="utf-8")
-    rows = [line for line in table.splitlines() if line.startswith("| quickstart_synthetic |")]
+    results, paired = table.split("## Paired comparison with the labelled-only V-Net")
+    rows = [line for line in results.splitlines() if line.startswith("| quickstart_synthetic |")]
     assert sorted(row.split(" | ")[1] for row in rows) == sorted(METHOD_NAMES)
     assert all("failed" not in row and "1 of 1" in row for row in rows)
+    compared = [line.split(" | ")[1] for line in paired.splitlines() if line.startswith("| quickstart_synthetic |")]
+    assert sorted(compared) == sorted(set(METHOD_NAMES) - {"Supervised V-Net"})
     assert "the numbers mean nothing" in table
     figures = {p.name for p in (tmp_path / "runs" / "figures").glob("*.png")}
     assert "dice_vs_labelled_quickstart_synthetic.png" in figures
     assert sum(name.startswith("curves_") for name in figures) == 9
+    assert "paired_quickstart_synthetic_4.png" in figures
     assert any(name.startswith("overlay_") for name in figures)
 
 

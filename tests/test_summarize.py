@@ -113,7 +113,7 @@ def table(model_dir, tmp_path_factory):
                           timeout=60, cwd=model_dir)
     assert proc.returncode == 0, proc.stderr
     text = out.read_text(encoding="utf-8")
-    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    lines = [line for line in text.split("## Paired comparison")[0].splitlines() if line.startswith("| ")]
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
     rows = {}
     for line in lines[2:]:
@@ -247,7 +247,36 @@ def test_plots_write_the_expected_figures(model_dir, tmp_path):
                 "overlay_synthetic_8_case_a.png",
                 "curves_LA_Supervised_V-Net_8.png", "curves_LA_Supervised_V-Net_16.png",
                 "curves_LA_UG-MCL_8.png", "curves_LA_UG-MCL_16.png", f"curves_LA_V-Net_all_labels_{NUM_TRAIN}.png",
-                "curves_synthetic_Supervised_V-Net_8.png"}
+                "curves_synthetic_Supervised_V-Net_8.png", "paired_LA_8.png", "paired_LA_16.png"}
     assert {path.name for path in out.iterdir()} == expected
     for name in expected:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def comparison_table(text):
+    """``{(method, labelled): {column: cell}}`` of the paired-comparison table."""
+    lines = [line for line in text.split("## Paired comparison")[1].splitlines() if line.startswith("| ")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    rows = {}
+    for line in lines[2:]:
+        cells = dict(zip(header, (cell.strip() for cell in line.strip("|").split("|"))))
+        rows[(cells["method"], cells["labelled"])] = cells
+    return rows
+
+
+def test_paired_comparison_with_the_labelled_only_v_net(table):
+    """UG-MCL's per-case Dice is the labelled-only V-Net's + 5 points on every case of the seeds both have; the
+    all-labels run (seed 1337) is 12 points above the 8-label V-Net and 4 above the 16-label one."""
+    rows = comparison_table(table[1])
+    assert set(rows) == {("UG-MCL", "8"), ("UG-MCL", "16"), ("V-Net (all labels)", f"{NUM_TRAIN} vs 8"),
+                         ("V-Net (all labels)", f"{NUM_TRAIN} vs 16")}
+    ugmcl = rows[("UG-MCL", "8")]
+    assert ugmcl["pairs (seed × case)"] == "4" and ugmcl["ΔDice mean (points)"] == "+5.00"
+    assert ugmcl["95 % CI (bootstrap)"] == "[+5.00, +5.00]" and ugmcl["better / worse"] == "4 / 0"
+    assert ugmcl["share of the band"] == f"{100 * 5 / 12:.0f} %"
+    assert rows[("UG-MCL", "16")]["pairs (seed × case)"] == "4"  # seed 42 of the 16-label V-Net is not evaluated
+    assert rows[("UG-MCL", "16")]["share of the band"] == f"{100 * 5 / 4:.0f} %"
+    band = rows[("V-Net (all labels)", f"{NUM_TRAIN} vs 8")]
+    assert band["pairs (seed × case)"] == "2" and band["ΔDice mean (points)"] == "+12.00"
+    assert band["share of the band"] == "–"
+    assert "LCC on, the labelled-only V-Net with LCC off" in table[1]  # UG-MCL's protocol differs, and says so

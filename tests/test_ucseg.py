@@ -157,7 +157,7 @@ def test_unet_3d_is_ssl4mis_sized_and_returns_encoder_features():
     assert "up_concat4.conv.conv1.0.weight" in net.state_dict() and "final.weight" in net.state_dict()
     logits, features = net(torch.randn(1, 1, *SHAPE), return_features=True)
     assert logits.shape == (1, 2, *SHAPE)
-    assert [f.shape[1] for f in features["encoder"]] == list(ucseg.ENCODER_WIDTHS)
+    assert [f.shape[1] for f in features["encoder"]] == [16 * factor for factor in ucseg.LEVEL_FACTORS]
     assert features["encoder"][4].shape[2:] == (2, 2, 1)
 
 

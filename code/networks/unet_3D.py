@@ -1,9 +1,10 @@
 """SSL4MIS's 3D U-Net (``networks/unet_3D.py``, after Oktay et al.'s attention-gated U-Net code base), as
 UC-Seg's first subnet uses it.
 
-``UNet3D(in_channels, n_classes, feature_scale=4)``: encoder blocks of two 3x3x3 convolutions, each with
+``UNet3D(in_channels, n_classes, n_filters=16)``: encoder blocks of two 3x3x3 convolutions, each with
 instance norm (SSL4MIS calls the switch ``is_batchnorm`` but builds ``InstanceNorm3d``, without affine
-parameters) and ReLU, at widths 16, 32, 64, 128 and a 256-wide centre, with 2x2x2 max pooling between
+parameters) and ReLU, at widths 16, 32, 64, 128 and a 256-wide centre (``n_filters`` times 1, 2, 4, 8, 16;
+SSL4MIS's ``feature_scale=4`` is ``n_filters=16``), with 2x2x2 max pooling between
 them; decoder blocks that upsample trilinearly by 2, concatenate the skip, and apply the same double
 convolution; a 1x1x1 output convolution. ``Dropout(p=0.3)`` (element-wise) follows the centre and the last
 decoder block. Every convolution is He-normal initialised (fan-in). The module names are SSL4MIS's, so its
@@ -54,11 +55,11 @@ class UnetUp3_CT(nn.Module):
 class UNet3D(nn.Module):
     """SSL4MIS ``unet_3D``; input ``[B, in_channels, X, Y, Z]`` with X, Y, Z divisible by 16."""
 
-    def __init__(self, in_channels=1, n_classes=2, feature_scale=4, normalization="instancenorm", dropout=0.3):
+    def __init__(self, in_channels=1, n_classes=2, n_filters=16, normalization="instancenorm", dropout=0.3):
         super().__init__()
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, got {normalization!r}")
-        filters = [int(width / feature_scale) for width in (64, 128, 256, 512, 1024)]
+        filters = [n_filters * factor for factor in (1, 2, 4, 8, 16)]
         self.conv1 = UnetConv3(in_channels, filters[0], normalization)
         self.maxpool1 = nn.MaxPool3d(kernel_size=(2, 2, 2))
         self.conv2 = UnetConv3(filters[0], filters[1], normalization)

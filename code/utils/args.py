@@ -17,6 +17,16 @@ from utils.sliding_window import check_window
 RUNTIME_FLAGS = ("resume", "overwrite", "accept_changes", "device", "num_workers", "cache", "sw_batch_size",
                  "no_eval", "progress", "recompute", "val_interval", "save_interval", "save_minutes", "output_root")
 
+# Settings that got a flag after runs had been made, with the value every earlier run used: a run's stored
+# arguments are completed with them (``stored_args``), so that older runs are still evaluated and resumed as
+# they were trained.
+SETTINGS_BEFORE_THEIR_FLAG = {"n_filters": 16}
+
+
+def stored_args(config):
+    """The arguments of a run's ``config.json`` (a dict), completed with :data:`SETTINGS_BEFORE_THEIR_FLAG`."""
+    return {**SETTINGS_BEFORE_THEIR_FLAG, **config["args"]}
+
 
 def training_parser(description, *, exp, max_iterations, batch_size, base_lr, seed=1337,
                     semi_supervised=True, labeled_bs=2, model="vnet", consistency=0.1,
@@ -46,6 +56,10 @@ def training_parser(description, *, exp, max_iterations, batch_size, base_lr, se
     run = parser.add_argument_group("run")
     run.add_argument("--exp", default=exp, help="experiment name; the run goes to model/{exp}_{labelnum}/{model}")
     run.add_argument("--model", default=model, help="network name, also the last folder of the run directory")
+    run.add_argument("--n_filters", type=int, default=16,
+                     help="width of the networks: channels of the first encoder level, doubled at each of the "
+                          "next four (default: 16, every paper's; a narrower network, the same for every "
+                          "method, is a cheaper protocol)")
     run.add_argument("--output_root", default=str(REPO_ROOT / "model"), help="where run directories go")
     run.add_argument("--seed", type=int, default=seed)
     run.add_argument("--deterministic", type=int, choices=(0, 1), default=1,
@@ -183,7 +197,8 @@ def check_args(args):
     check_window(args.patch_size, args.stride_xy, args.stride_z)
     if args.labelnum < 1:
         raise UserError(f"--labelnum must be at least 1, got {args.labelnum}")
-    for flag in ("max_iterations", "batch_size", "save_interval", "snapshot_interval", "sw_batch_size", "lr_step"):
+    for flag in ("max_iterations", "batch_size", "save_interval", "snapshot_interval", "sw_batch_size", "lr_step",
+                 "n_filters"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.num_workers < 0:

@@ -17,11 +17,13 @@ writes PNGs (matplotlib's Agg backend, no display needed) into ``--out``:
   otherwise they are computed again from the final checkpoint with the run's own ``build_networks``/``predict``
   (``test_3D.read_run``) and the evaluation's protocol (patch, strides, LCC), which needs the run's data and
   costs one sliding-window inference per method (seconds on a GPU, about a minute per LA case on a CPU).
+- ``paired_<tag>_<labelled>.png``: per test case (and seed), the Dice difference of each method to the
+  labelled-only V-Net with the same labelled cases, one strip per method, with the mean and its bootstrap 95 %
+  interval (``summarize.py``'s paired comparison); the all-labels V-Net's strip is the band.
 
 Relative paths: ``--model_dir`` from the working directory when it exists there, else from the repository
 root; ``--out`` from the repository root.
 """
-import csv
 import math
 import re
 import sys
@@ -39,7 +41,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from utils.cli import ArgumentParser, output_path, resolve_path, run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
-from utils.summarize import collect  # noqa: E402
+from utils.summarize import collect, metrics_rows  # noqa: E402
 
 ITERATION = re.compile(r"\biteration (\d+)\b")
 TERM = re.compile(r"([A-Za-z_][\w/]*)\s*:\s*([-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf))(?![\w.])")
@@ -144,15 +146,6 @@ def curve_groups(rows):
 
 
 # -- (c) overlay ---------------------------------------------------------------------------------------------
-def metrics_rows(eval_dir):
-    """Per-case rows of an evaluation's ``metrics.csv`` (without the mean/std rows), in evaluation order."""
-    path = eval_dir / "metrics.csv"
-    if not path.is_file():
-        return []
-    with open(path, newline="", encoding="utf-8") as handle:
-        return [row for row in csv.DictReader(handle) if row["case"] not in ("mean", "std")]
-
-
 def read_nii(path):
     import nibabel as nib
 
@@ -265,6 +258,29 @@ def first_case(rows):
     return None
 
 
+# -- (d) paired differences ----------------------------------------------------------------------------------
+def plot_paired(comparisons, tag, labelnum, out_dir):
+    """Figure (d) for the comparisons against the labelled-only V-Net of ``tag`` at ``labelnum``."""
+    fig = Figure(figsize=(7.5, 1.5 + 0.55 * len(comparisons)), layout="constrained")
+    ax = fig.add_subplot()
+    jitter = np.random.default_rng(0)
+    for position, comparison in enumerate(comparisons):
+        values = np.array([difference for _, difference in comparison.differences])
+        ax.scatter(values, position + jitter.uniform(-0.18, 0.18, values.size), s=14, alpha=0.55)
+        stats = comparison.stats
+        ax.errorbar(stats.mean, position, xerr=[[stats.mean - stats.low], [stats.high - stats.mean]], fmt="D",
+                    color="black", capsize=4, markersize=5)
+    ax.axvline(0, color="grey", linestyle="--", linewidth=1)
+    ax.set_yticks(range(len(comparisons)))
+    ax.set_yticklabels([f"{c.row.label} ({c.row.labelnum})" if c.row.upper_bound else c.row.label
+                        for c in comparisons])
+    ax.invert_yaxis()
+    ax.set_xlabel("Dice difference to the labelled-only V-Net (points), one dot per test case and seed")
+    ax.set_title(f"{tag}, {labelnum} labelled: black diamond = mean, bar = bootstrap 95 % interval", fontsize="medium")
+    ax.grid(axis="x", alpha=0.3)
+    return save(fig, out_dir / f"paired_{slug(tag)}_{labelnum}.png")
+
+
 # -- command line --------------------------------------------------------------------------------------------
 def make_figures(results, out_dir, case=None, device="auto"):
     """Write every figure for the collected ``results``; return the paths written."""
@@ -286,6 +302,11 @@ def make_figures(results, out_dir, case=None, device="auto"):
     for (tag, label, labelnum), runs in curve_groups(results.rows).items():
         path = out_dir / f"curves_{slug(tag)}_{slug(label)}_{labelnum}.png"
         written.append(plot_curves(runs, f"{tag}: {label}, {labelnum} labelled", path))
+    paired = defaultdict(list)
+    for comparison in results.comparisons:
+        paired[(comparison.baseline.tag, comparison.baseline.labelnum)].append(comparison)
+    for (tag, labelnum), comparisons in sorted(paired.items()):
+        written.append(plot_paired(comparisons, tag, labelnum, out_dir))
     return [path for path in written if path is not None]
 
 

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from dataloaders.registry import get_dataset_spec
 from dataloaders.samplers import InfiniteBatches, seed_worker
-from utils.args import RUNTIME_FLAGS
+from utils.args import RUNTIME_FLAGS, stored_args
 from utils.atomic import write_atomically
 from utils.checkpoint import load_checkpoint, load_models, save_checkpoint
 from utils.cli import REPO_ROOT, install_stop_handlers
@@ -131,11 +131,11 @@ def write_json(path, value):
     write_atomically(path, lambda handle: handle.write((json.dumps(value, indent=2) + "\n").encode("utf-8")))
 
 
-def changed_settings(stored_args, current_args):
-    """``{flag: (stored, current)}`` for every setting of ``current_args`` that differs from the run's stored
-    ``config.json`` arguments, the flags that do not change what a run computes (``RUNTIME_FLAGS``) aside."""
-    return {k: (stored_args.get(k), v) for k, v in current_args.items()
-            if k not in RUNTIME_FLAGS and stored_args.get(k) != v}
+def changed_settings(stored, current):
+    """``{flag: (stored value, current value)}`` for every setting of ``current`` (a dict of arguments) that
+    differs from ``stored`` (the run's ``config.json`` arguments), the flags that do not change what a run
+    computes (``RUNTIME_FLAGS``) aside."""
+    return {k: (stored.get(k), v) for k, v in current.items() if k not in RUNTIME_FLAGS and stored.get(k) != v}
 
 
 def describe_changes(changes):
@@ -310,13 +310,13 @@ class TrainingRun:
                       "device": str(self.device), "started": now}
         else:
             config = stored
-            changed = changed_settings(stored["args"], current)
+            changed = changed_settings(stored_args(stored), current)
             if changed:
                 detail = describe_changes(changed)
                 if not self.args.accept_changes:
                     raise UserError(f"--resume with settings that differ from the run's config.json: {detail} "
                                     "(add --accept_changes to continue with the new ones)")
-                config["args"] = {**stored["args"], **{k: new for k, (_, new) in changed.items()}}
+                config["args"] = {**stored_args(stored), **{k: new for k, (_, new) in changed.items()}}
                 config.setdefault("changes", []).append({"time": now, "flags": {k: list(v) for k, v in
                                                                                 changed.items()}})
             config.setdefault("resumed", []).append(now)

@@ -20,7 +20,7 @@ if CODE_DIR not in sys.path:
     sys.path.insert(0, CODE_DIR)
 
 from dataloaders.registry import get_dataset_spec  # noqa: E402
-from utils.args import finalize_args  # noqa: E402
+from utils.args import finalize_args, stored_args  # noqa: E402
 from utils.cli import ArgumentParser, resolve_path, run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.run import changed_settings, describe_changes  # noqa: E402
@@ -38,7 +38,7 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     run_dir = resolve_path(args.run)
     try:
-        stored = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["args"]
+        stored = stored_args(json.loads((run_dir / "config.json").read_text(encoding="utf-8")))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{run_dir / 'config.json'} cannot be read ({type(exc).__name__}: {exc})") from None
     module = importlib.import_module(Path(args.script).stem)

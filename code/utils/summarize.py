@@ -16,6 +16,7 @@ data), never next to the synthetic quick start or a resampled copy.
 Relative paths are taken as the project's scripts do: ``--model_dir`` from the working directory when it exists
 there, else from the repository root; ``--out`` always from the repository root.
 """
+import csv
 import json
 import re
 import statistics
@@ -31,6 +32,7 @@ if CODE_DIR not in sys.path:
 from utils.atomic import write_atomically  # noqa: E402
 from utils.cli import ArgumentParser, output_path, resolve_path, run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
+from utils.paired import BOOTSTRAP_RESAMPLES, compare, paired_differences  # noqa: E402
 
 FAILED = "failed / not evaluated"
 UPPER_BOUND = "V-Net (all labels)"
@@ -170,13 +172,25 @@ class Row:
 
 
 @dataclass
+class Comparison:
+    """A row compared case by case with the labelled-only V-Net (``baseline``): the differences of Dice in
+    percentage points, ``[((seed, case), difference)]``, and their ``utils.paired.PairedComparison``."""
+
+    row: Row
+    baseline: Row
+    differences: list
+    stats: object
+
+
+@dataclass
 class Results:
-    """Everything the table (and ``plots.py``) needs: the rows and the notes that go under the table."""
+    """Everything the tables (and ``plots.py``) need: the rows, the paired comparisons and the notes."""
 
     model_dir: Path
     rows: list
     num_runs: int
     notes: list = field(default_factory=list)
+    comparisons: list = field(default_factory=list)
 
 
 # -- reading runs ------------------------------------------------------------------------------------------
@@ -288,7 +302,8 @@ def collect(model_dir):
         raise UserError(f"no runs under {model_dir} (no config.json in any folder)")
     runs, duplicates = drop_duplicate_seeds(runs)
     notes += duplicates
-    return Results(model_dir, group_rows(runs), len(runs), notes + run_notes(runs))
+    rows = group_rows(runs)
+    return Results(model_dir, rows, len(runs), notes + run_notes(runs), paired_comparisons(rows))
 
 
 def drop_duplicate_seeds(runs):
@@ -307,8 +322,9 @@ def drop_duplicate_seeds(runs):
 
 # -- grouping ----------------------------------------------------------------------------------------------
 def config_key(run):
-    """What must be equal for runs to be seeds of one experiment."""
-    return (run.tag, run.variant, run.script, run.args["model"], run.labelnum, run.args["max_iterations"])
+    """What must be equal for runs to be seeds of one experiment (runs of older code have width 16)."""
+    return (run.tag, run.variant, run.script, run.args["model"], run.labelnum, run.args["max_iterations"],
+            run.args.get("n_filters", 16))
 
 
 def protocol_key(run):
@@ -380,6 +396,81 @@ def run_notes(runs):
     return notes
 
 
+# -- paired comparison with the labelled-only V-Net ------------------------------------------------------------
+def metrics_rows(eval_dir):
+    """Per-case rows of an evaluation's ``metrics.csv`` (without the mean/std rows), in evaluation order."""
+    path = eval_dir / "metrics.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as handle:
+        return [row for row in csv.DictReader(handle) if row["case"] not in ("mean", "std")]
+
+
+def case_scores(row):
+    """``{(seed, case): Dice in %}`` of every evaluated run of ``row``."""
+    return {(run.seed, case["case"]): 100 * float(case["dice"])
+            for run in row.runs for case in metrics_rows(run.eval_dir)}
+
+
+def is_labelled_only(row):
+    """The plain labelled-only V-Net (not the all-labels run, not an ablation of it), evaluated."""
+    return row.method.key == "supervised" and not row.upper_bound and row.label == row.method.name and row.runs
+
+
+def paired_comparisons(rows):
+    """Each evaluated method row against the labelled-only V-Net of its data tag and labelled count, and the
+    all-labels V-Net against each labelled-only one of its tag (the band); only rows that share pairs."""
+    baselines = {}
+    for row in rows:
+        if is_labelled_only(row):
+            baselines.setdefault((row.tag, row.labelnum), row)
+    comparisons = []
+    for row in rows:
+        if not row.runs or is_labelled_only(row):
+            continue
+        if row.upper_bound:
+            against = [b for (tag, _), b in sorted(baselines.items()) if tag == row.tag]
+        else:
+            against = [baselines[(row.tag, row.labelnum)]] if (row.tag, row.labelnum) in baselines else []
+        for baseline in against:
+            differences = paired_differences(case_scores(row), case_scores(baseline))
+            if differences:
+                comparisons.append(Comparison(row, baseline, differences, compare([d for _, d in differences])))
+    return comparisons
+
+
+def band_share(comparison, comparisons):
+    """The mean difference as a share of the band (the all-labels V-Net's mean difference to the same
+    labelled-only run): 0 % is the labelled-only V-Net, 100 % the all-labels one; None without a band."""
+    for other in comparisons:
+        if other.row.upper_bound and other.baseline is comparison.baseline and other.stats.mean > 0:
+            return 100 * comparison.stats.mean / other.stats.mean
+    return None
+
+
+def comparison_lines(comparisons):
+    """The markdown table of the paired comparisons and its notes."""
+    header = ["data", "method", "labelled", "pairs (seed × case)", "ΔDice mean (points)", "95 % CI (bootstrap)",
+              "Wilcoxon p", "better / worse", "share of the band"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    notes = []
+    for comparison in comparisons:
+        row, stats = comparison.row, comparison.stats
+        labelled = f"{row.labelnum} vs {comparison.baseline.labelnum}" if row.upper_bound else str(row.labelnum)
+        share = None if row.upper_bound else band_share(comparison, comparisons)
+        p_value = "–" if stats.p_value != stats.p_value else f"{stats.p_value:.2g}"
+        cells = [row.tag, row.label, labelled, str(stats.n), f"{stats.mean:+.2f}",
+                 f"[{stats.low:+.2f}, {stats.high:+.2f}]", p_value, f"{stats.better} / {stats.worse}",
+                 "–" if share is None else f"{share:.0f} %"]
+        lines.append("| " + " | ".join(cells) + " |")
+        ours, theirs = row.runs[0].summary["protocol"], comparison.baseline.runs[0].summary["protocol"]
+        if ours["nms"] != theirs["nms"]:
+            notes.append(f"{row.label} ({row.tag}, {row.labelnum}): evaluated with LCC "
+                         f"{'on' if ours['nms'] else 'off'}, the labelled-only V-Net with LCC "
+                         f"{'on' if theirs['nms'] else 'off'}")
+    return lines, notes
+
+
 # -- cells -------------------------------------------------------------------------------------------------
 def seed_statistic(values, scale):
     """``mean ± std`` over seeds (sample std, n - 1; "–" with one seed) of the defined per-run means, with
@@ -428,7 +519,9 @@ def protocol_cell(row):
         patch, stride_xy, stride_z = args.get("patch_size"), args.get("stride_xy"), args.get("stride_z")
         evaluation = f"{run.final_checkpoint}, LCC {'on' if args['nms'] else 'off'} (configured, not evaluated)"
     patch = "×".join(map(str, patch)) if patch else "?"
-    return f"{run.args['max_iterations']} it, patch {patch}, stride {stride_xy}/{stride_z}, {evaluation}"
+    width = run.args.get("n_filters", 16)
+    return (f"{'' if width == 16 else f'width {width}, '}{run.args['max_iterations']} it, patch {patch}, "
+            f"stride {stride_xy}/{stride_z}, {evaluation}")
 
 
 def published_cells(row):
@@ -469,6 +562,17 @@ def render(results, title, note=None, model_label=None):
     lines += table_lines(results.rows)
     if results.notes:
         lines += ["", "Notes:", ""] + [f"- {note_line}" for note_line in results.notes]
+    if results.comparisons:
+        table, notes = comparison_lines(results.comparisons)
+        lines += ["", "## Paired comparison with the labelled-only V-Net", "",
+                  "Each method against the labelled-only V-Net with the same labelled cases, case by case on the same "
+                  "test cases (and seeds: a pair is one seed and one case): the mean difference of Dice in points, "
+                  f"its bootstrap 95 % interval ({BOOTSTRAP_RESAMPLES:,} resamples of the pairs), the two-sided "
+                  "Wilcoxon signed-rank p-value, and how many pairs are better and worse (`code/utils/paired.py`). "
+                  "The all-labels V-Net compared the same way gives the band; \"share of the band\" places a method "
+                  "in it (0 %: the labelled-only V-Net, 100 %: the all-labels one). No number here was selected on "
+                  "the test set.", ""]
+        lines += table + ([""] + [f"- {note}" for note in notes] if notes else [])
     return "\n".join(lines) + "\n"
 
 
