@@ -15,6 +15,7 @@ import subprocess  # noqa: E402
 import time  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 SHARED_LA = REPO_ROOT.parent / "shared" / "data" / "LA"
 # A small training configuration: 2-iteration runs on tiny synthetic volumes.
@@ -22,21 +23,60 @@ TINY = ["--patch_size", "32", "32", "16", "--batch_size", "2", "--stride_xy", "1
         "--num_workers", "0", "--progress", "0"]
 
 
-def run_script(script, *args, cwd=REPO_ROOT, check=True):
-    """Run ``code/<script>`` in a fresh interpreter; return the completed process (text output)."""
+CUDA_ABSENT = "no CUDA device here (torch.cuda.is_available() is False); the CUDA variant runs on a GPU machine"
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason=CUDA_ABSENT))])
+def device(request):
+    """Every device present, for the tests that train and evaluate: the CPU always, CUDA as well when torch sees
+    one (CI has none, so there its variants are skipped, saying why)."""
+    return request.param
+
+
+def device_env(device):
+    """The environment of a script run on ``device``: ``cpu`` hides every CUDA device (so that the scripts'
+    ``--device auto`` takes the CPU, also on a GPU machine), ``cuda`` leaves them visible (it takes CUDA)."""
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else dict(os.environ)
+
+
+def assert_same_models(expected, actual, device="cpu"):
+    """Two checkpoints' ``models`` (``{name: state dict}``) hold the same tensors: bitwise on the CPU, where a
+    deterministic run is exactly reproducible; on CUDA within float32 noise, since some CUDA kernels (5-D cross
+    entropy, trilinear upsampling and max-pool backward) accumulate in a varying order even with
+    ``--deterministic 1``."""
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert expected[name].keys() == actual[name].keys(), name
+        for key in expected[name]:
+            a, b = expected[name][key].cpu(), actual[name][key].cpu()
+            if device == "cpu" or not a.is_floating_point():
+                assert torch.equal(a, b), (name, key)
+            else:
+                assert torch.allclose(a, b, rtol=1e-3, atol=1e-5), (name, key)
+
+
+def load_saved(path):
+    """A checkpoint written by a run (on any device), on the CPU."""
+    return torch.load(path, weights_only=True, map_location="cpu")
+
+
+def run_script(script, *args, cwd=REPO_ROOT, check=True, device="cpu"):
+    """Run ``code/<script>`` in a fresh interpreter on ``device`` (:func:`device_env`); return the completed
+    process (text output)."""
     proc = subprocess.run([sys.executable, str(CODE_DIR / script), *map(str, args)], cwd=cwd,
                           capture_output=True, encoding="utf-8", errors="replace",
-                          timeout=600)
+                          timeout=600, env=device_env(device))
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
 
 
-def kill_after_first_save(script, args, run_dir):
-    """Start ``code/<script>`` with ``args`` and SIGKILL it as soon as ``run_dir/latest.pth`` exists;
-    return that path (the test checks how far the run got)."""
+def kill_after_first_save(script, args, run_dir, device="cpu"):
+    """Start ``code/<script>`` with ``args`` on ``device`` and SIGKILL it as soon as ``run_dir/latest.pth``
+    exists; return that path (the test checks how far the run got)."""
     proc = subprocess.Popen([sys.executable, str(CODE_DIR / script), *map(str, args)], cwd=REPO_ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=device_env(device))
     latest = run_dir / "latest.pth"
     deadline = time.time() + 300
     while not latest.exists() and proc.poll() is None and time.time() < deadline:

@@ -190,6 +190,7 @@ def test_an_unreadable_test_case_stops_the_run_before_training(dataset_copy, tmp
     (["--sw_batch_size", "0"], "--sw_batch_size must be at least 1"),
     (["--lr_step", "0"], "--lr_step must be at least 1"),
     (["--n_filters", "0"], "--n_filters must be at least 1"),
+    (["--amp"], "--amp needs a CUDA device"),
     (["--lr_gamma", "-0.1"], "--lr_gamma must be >= 0"),
     (["--base_lr", "nan"], "--base_lr must be a finite number, got nan"),
     (["--base_lr", "inf"], "--base_lr must be a finite number, got inf"),

@@ -1,10 +1,12 @@
 """The supervised baseline end to end: train, evaluate, test_3D, resume, from any directory."""
 import json
+import math
 
 import pytest
 import torch
 
-from conftest import REPO_ROOT, SHARED_LA, TINY, kill_after_first_save, read_summary, run_script
+from conftest import (CUDA_ABSENT, REPO_ROOT, SHARED_LA, TINY, assert_same_models, kill_after_first_save, load_saved,
+                      read_summary, run_script)
 from dataloaders.la_heart import read_list
 
 TRAIN = "train_supervised_3D.py"
@@ -15,21 +17,22 @@ def run_dir(output_root, labelnum, exp="LA/Supervised"):
 
 
 @pytest.mark.parametrize("cwd_name", ["repo_root", "elsewhere"])
-def test_train_then_test_3d_reproduces_the_evaluation(synthetic_root, tmp_path, cwd_name):
+def test_train_then_test_3d_reproduces_the_evaluation(synthetic_root, tmp_path, cwd_name, device):
     cwd = REPO_ROOT if cwd_name == "repo_root" else tmp_path
     out = tmp_path / "model"
     run_script(TRAIN, "--root_path", synthetic_root, "--output_root", out, "--labelnum", "4",
-               "--max_iterations", "2", *TINY, cwd=cwd)
+               "--max_iterations", "2", *TINY, cwd=cwd, device=device)
     run = run_dir(out, 4)
     assert {"config.json", "log.txt", "latest.pth", "iter_2.pth", "eval_iter_2", "log"} <= {
         p.name for p in run.iterdir()}
     config = json.loads((run / "config.json").read_text())
     assert config["script"] == "train_supervised_3D" and config["args"]["labelnum"] == 4
+    assert config["device"].startswith(device)
     assert {"torch", "numpy"} <= set(config["versions"]) and "commit" in config["git"]
     log = (run / "log.txt").read_text()
     assert "iteration 2 : loss : " in log and "loss_ce: " in log and "test (eval_iter_2)" in log
 
-    proc = run_script("test_3D.py", "--run", run, "--progress", "0", cwd=cwd)
+    proc = run_script("test_3D.py", "--run", run, "--progress", "0", cwd=cwd, device=device)
     assert "Dice" in proc.stdout
     trained, tested = read_summary(run / "eval_iter_2"), read_summary(run / "eval_iter_2_2")
     for metric in ("dice", "jaccard", "hd95", "asd"):
@@ -55,23 +58,20 @@ def test_test_3d_options_write_new_folders(synthetic_root, tmp_path):
 
 
 def _final_weights(run):
-    return torch.load(run / "iter_12.pth", weights_only=True)["models"]["model"]
+    return load_saved(run / "iter_12.pth")["models"]
 
 
-def test_killed_run_resumes_to_the_same_weights(synthetic_root, tmp_path):
+def test_killed_run_resumes_to_the_same_weights(synthetic_root, tmp_path, device):
     common = ["--root_path", synthetic_root, "--labelnum", "4", "--max_iterations", "12", "--save_interval", "4",
               "--no_eval", *TINY]
-    run_script(TRAIN, *common, "--output_root", tmp_path / "straight")
+    run_script(TRAIN, *common, "--output_root", tmp_path / "straight", device=device)
     interrupted = ["--output_root", tmp_path / "killed", *common]
-    latest = kill_after_first_save(TRAIN, interrupted, run_dir(tmp_path / "killed", 4))
-    stopped_at = torch.load(latest, weights_only=True)["iteration"]
+    latest = kill_after_first_save(TRAIN, interrupted, run_dir(tmp_path / "killed", 4), device=device)
+    stopped_at = load_saved(latest)["iteration"]
     assert stopped_at < 12, "the run finished before it could be killed"
     assert not (latest.parent / "iter_12.pth").exists()
-    run_script(TRAIN, *interrupted, "--resume", "--num_workers", "2")
-    straight, resumed = _final_weights(run_dir(tmp_path / "straight", 4)), _final_weights(latest.parent)
-    assert straight.keys() == resumed.keys()
-    for key in straight:
-        assert torch.equal(straight[key], resumed[key]), key
+    run_script(TRAIN, *interrupted, "--resume", "--num_workers", "2", device=device)
+    assert_same_models(_final_weights(run_dir(tmp_path / "straight", 4)), _final_weights(latest.parent), device)
     assert f"resumed from {latest} at iteration {stopped_at}" in (latest.parent / "log.txt").read_text()
 
 
@@ -89,6 +89,32 @@ def test_overwrite_keeps_the_old_run(synthetic_root, tmp_path):
     run_script(TRAIN, *common, "--overwrite")
     siblings = [p.name for p in run_dir(tmp_path, 4).parent.iterdir()]
     assert "vnet" in siblings and any(name.startswith("vnet.old-") for name in siblings)
+
+
+# every script, with the flags its two tiny iterations need (1 labelled + 1 unlabelled crop, UC-Seg mixing)
+SCRIPT_FLAGS = {"train_supervised_3D.py": [], "train_mt_3D.py": ["--labeled_bs", "1"],
+                "train_uamt_3D.py": ["--labeled_bs", "1", "--mc_samples", "2"],
+                "train_dtc_3D.py": ["--labeled_bs", "1"], "train_cps_3D.py": ["--labeled_bs", "1"],
+                "train_ugmcl_3D.py": ["--labeled_bs", "1", "--mc_samples", "2"],
+                "train_ucseg_3D.py": ["--labeled_bs", "1", "--mix_start", "1"],
+                "train_ugpl_3D.py": ["--labeled_bs", "1"]}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_ABSENT)
+@pytest.mark.parametrize("script", sorted(SCRIPT_FLAGS))
+def test_amp_trains_and_evaluates_on_cuda(script, synthetic_root, tmp_path):
+    """``--amp`` (bf16 autocast, CUDA only): every method trains (a non-finite loss would stop it) and is
+    evaluated."""
+    out = tmp_path / "model"
+    run_script(script, "--root_path", synthetic_root, "--output_root", out, "--labelnum", "4", "--max_iterations", "2",
+               "--amp", *SCRIPT_FLAGS[script], *TINY, device="cuda")
+    run = next(out.glob("LA/*/*/config.json")).parent
+    config = json.loads((run / "config.json").read_text())
+    assert config["args"]["amp"] is True and config["device"].startswith("cuda")
+    log = (run / "log.txt").read_text()
+    assert "iteration 2 : loss : " in log
+    summary = read_summary(next(run.glob("eval_iter_2*")))
+    assert summary["num_cases"] == 2 and math.isfinite(summary["dice"])
 
 
 @pytest.mark.skipif(not SHARED_LA.is_dir(), reason="real LA data not present at ../shared/data/LA")

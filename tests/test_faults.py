@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import (CODE_DIR, REPO_ROOT, TINY, assert_one_line_error, first_train_case, read_summary, rewrite_case,
-                      run_script, wait_for)
+from conftest import (CODE_DIR, REPO_ROOT, TINY, assert_one_line_error, assert_same_models, device_env,
+                      first_train_case, read_summary, rewrite_case, run_script, wait_for)
 from utils.folder_lock import is_abandoned
 
 TRAIN = "train_supervised_3D.py"
@@ -31,7 +31,8 @@ def common(root, output_root, *extra):
 def start(script, args):
     """Start a training script in the background (its output captured, so that it can be read after)."""
     return subprocess.Popen([sys.executable, str(CODE_DIR / script), *map(str, args)], cwd=REPO_ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8", errors="replace")
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8", errors="replace",
+                            env=device_env("cpu"))
 
 
 def logged_iterations(run):
@@ -47,13 +48,6 @@ def wait_for_iteration(run, iteration, proc):
 
 def weights(path):
     return torch.load(path, weights_only=True)["models"]
-
-
-def assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    for name in a:
-        for key in a[name]:
-            assert torch.equal(a[name][key], b[name][key]), (name, key)
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +90,10 @@ def test_a_stop_signal_saves_the_iteration_prints_the_resume_command_and_exits_w
     assert f"stopped by {signal.Signals(signum).name} after iteration {stopped}; latest.pth is saved" in err
     command = shlex.split(err.strip().splitlines()[-1])
     assert command[0] == "python" and command[-1] == "--resume"
-    resumed = subprocess.run([sys.executable, *command[1:]], cwd=REPO_ROOT, capture_output=True, text=True)
+    resumed = subprocess.run([sys.executable, *command[1:]], cwd=REPO_ROOT, capture_output=True, text=True,
+                             env=device_env("cpu"))
     assert resumed.returncode == 0, resumed.stderr
-    assert_same_weights(weights(run / "iter_12.pth"), straight)
+    assert_same_models(weights(run / "iter_12.pth"), straight)
 
 
 def test_latest_is_also_saved_by_time(synthetic_root, tmp_path):
@@ -120,7 +115,7 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(synthet
     assert not (run / "latest.pth").exists()
     proc = run_script(TRAIN, *args, "--resume")
     assert "stopped before its first latest.pth; starting from iteration 0" in (run / "log.txt").read_text()
-    assert_same_weights(weights(run / "iter_12.pth"), straight)
+    assert_same_models(weights(run / "iter_12.pth"), straight)
 
 
 # -- numbers that go wrong ---------------------------------------------------------------------------------
@@ -291,7 +286,7 @@ def test_an_evaluation_killed_midway_leaves_no_folder_and_the_next_one_cleans_up
     run = finished_copy
     proc = subprocess.Popen([sys.executable, str(CODE_DIR / "test_3D.py"), "--run", str(run), "--progress",
                              "0", "--stride_xy", "1", "--stride_z", "1"], cwd=REPO_ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=device_env("cpu"))
     partial = wait_for(lambda: list(run.glob(".partial-eval-*")) or proc.poll() is not None)
     assert isinstance(partial, list), "the evaluation ended before it could be killed"
     proc.kill()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train_ucseg_3D as ucseg
-from conftest import SHARED_LA, TINY, kill_after_first_save, read_summary, run_script
+from conftest import SHARED_LA, TINY, assert_same_models, kill_after_first_save, load_saved, read_summary, run_script
 from dataloaders.la_heart import LAHeart
 from dataloaders.transforms import CenterCrop
 from networks.memory_queue import ClassMemoryQueue
@@ -291,10 +291,10 @@ def test_pass_by_pass_backward_gives_the_gradients_of_the_whole_loss(recomputed)
 
 
 # -- the script ----------------------------------------------------------------------------------------------
-def test_script_trains_evaluates_and_test_3d_reproduces(synthetic_root, tmp_path):
+def test_script_trains_evaluates_and_test_3d_reproduces(synthetic_root, tmp_path, device):
     out = tmp_path / "model"
     run_script(SCRIPT, "--root_path", synthetic_root, "--output_root", out, "--labelnum", "4", "--labeled_bs", "1",
-               "--max_iterations", "2", "--mix_start", "1", *TINY, cwd=tmp_path)
+               "--max_iterations", "2", "--mix_start", "1", *TINY, cwd=tmp_path, device=device)
     run = out / RUN
     config = json.loads((run / "config.json").read_text())
     assert config["script"] == "train_ucseg_3D" and config["args"]["lr_schedule"] == "linear"
@@ -305,28 +305,26 @@ def test_script_trains_evaluates_and_test_3d_reproduces(synthetic_root, tmp_path
         assert f"{term}: " in log, term
     trained = read_summary(run / "eval_iter_2_nms")
     assert trained["protocol"]["nms"] is True
-    run_script("test_3D.py", "--run", run, "--progress", "0", cwd=tmp_path)
+    run_script("test_3D.py", "--run", run, "--progress", "0", cwd=tmp_path, device=device)
     tested = read_summary(run / "eval_iter_2_nms_2")
     for metric in ("dice", "jaccard", "hd95", "asd"):
         assert tested[metric] == trained[metric]
 
 
-def test_killed_run_resumes_to_the_same_weights_and_queues(synthetic_root, tmp_path):
+def test_killed_run_resumes_to_the_same_weights_and_queues(synthetic_root, tmp_path, device):
     """Killed after a save before the last iteration, resumed into mixing iterations: same weights, BN statistics,
     queues. Four iterations leave room for a kill that lands late on a loaded machine."""
     common = ["--root_path", synthetic_root, "--labelnum", "4", "--labeled_bs", "1", "--max_iterations", "4",
               "--save_interval", "1", "--mix_start", "1", "--no_eval", *TINY]
-    run_script(SCRIPT, *common, "--output_root", tmp_path / "straight")
+    run_script(SCRIPT, *common, "--output_root", tmp_path / "straight", device=device)
     killed = ["--output_root", tmp_path / "killed", *common]
-    latest = kill_after_first_save(SCRIPT, killed, tmp_path / "killed" / RUN)
-    assert torch.load(latest, weights_only=True)["iteration"] < 4, "the run finished before it could be killed"
-    run_script(SCRIPT, *killed, "--resume")
-    straight = torch.load(tmp_path / "straight" / RUN / "iter_4.pth", weights_only=True)["models"]
-    resumed = torch.load(latest.parent / "iter_4.pth", weights_only=True)["models"]
+    latest = kill_after_first_save(SCRIPT, killed, tmp_path / "killed" / RUN, device=device)
+    assert load_saved(latest)["iteration"] < 4, "the run finished before it could be killed"
+    run_script(SCRIPT, *killed, "--resume", device=device)
+    straight = load_saved(tmp_path / "straight" / RUN / "iter_4.pth")["models"]
+    resumed = load_saved(latest.parent / "iter_4.pth")["models"]
     assert set(straight) == {"net1", "net2", "upg", "queues"} and "net2_level5.entries" in straight["queues"]
-    for net in straight:
-        for key in straight[net]:
-            assert torch.equal(straight[net][key], resumed[net][key]), (net, key)
+    assert_same_models(straight, resumed, device)
 
 
 def test_impossible_flag_is_a_one_line_error(synthetic_root, tmp_path):

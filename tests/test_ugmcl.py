@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import train_ugmcl_3D as ugmcl
-from conftest import SHARED_LA, TINY, kill_after_first_save, read_summary, run_script
+from conftest import SHARED_LA, TINY, assert_same_models, kill_after_first_save, load_saved, read_summary, run_script
 from dataloaders.la_heart import LAHeart
 from dataloaders.registry import get_dataset_spec
 from dataloaders.training_data import build_training_data
@@ -152,10 +152,10 @@ def test_sdf_loss_variants():
     assert 0 <= loss_sdf < 0.1 and flipped > 0.9
 
 
-def test_script_trains_evaluates_and_test_3d_reproduces(synthetic_root, tmp_path):
+def test_script_trains_evaluates_and_test_3d_reproduces(synthetic_root, tmp_path, device):
     out = tmp_path / "model"
     run_script(SCRIPT, "--root_path", synthetic_root, "--output_root", out, "--labelnum", "4",
-               "--labeled_bs", "1", "--max_iterations", "3", "--mc_samples", "2", *TINY, cwd=tmp_path)
+               "--labeled_bs", "1", "--max_iterations", "3", "--mc_samples", "2", *TINY, cwd=tmp_path, device=device)
     run = out / "LA/UGMCL_4" / "vnet_sdf"
     config = json.loads((run / "config.json").read_text())
     assert config["script"] == "train_ugmcl_3D" and config["args"]["beta"] == 0.75
@@ -165,26 +165,24 @@ def test_script_trains_evaluates_and_test_3d_reproduces(synthetic_root, tmp_path
     assert "4 labelled + 4 unlabelled cases" in log
     trained = read_summary(run / "eval_iter_3_nms")
     assert trained["protocol"]["nms"] is True
-    run_script("test_3D.py", "--run", run, "--progress", "0", cwd=tmp_path)
+    run_script("test_3D.py", "--run", run, "--progress", "0", cwd=tmp_path, device=device)
     tested = read_summary(run / "eval_iter_3_nms_2")
     for metric in ("dice", "jaccard", "hd95", "asd"):
         assert tested[metric] == trained[metric]
 
 
-def test_killed_run_resumes_to_the_same_student_and_teacher(synthetic_root, tmp_path):
+def test_killed_run_resumes_to_the_same_student_and_teacher(synthetic_root, tmp_path, device):
     common = ["--root_path", synthetic_root, "--labelnum", "4", "--labeled_bs", "1", "--max_iterations", "6",
               "--save_interval", "2", "--mc_samples", "2", "--no_eval", *TINY]
-    run_script(SCRIPT, *common, "--output_root", tmp_path / "straight")
+    run_script(SCRIPT, *common, "--output_root", tmp_path / "straight", device=device)
     killed = ["--output_root", tmp_path / "killed", *common]
-    latest = kill_after_first_save(SCRIPT, killed, tmp_path / "killed/LA/UGMCL_4/vnet_sdf")
-    assert torch.load(latest, weights_only=True)["iteration"] < 6
-    run_script(SCRIPT, *killed, "--resume")
-    straight = torch.load(tmp_path / "straight/LA/UGMCL_4/vnet_sdf/iter_6.pth", weights_only=True)["models"]
-    resumed = torch.load(latest.parent / "iter_6.pth", weights_only=True)["models"]
+    latest = kill_after_first_save(SCRIPT, killed, tmp_path / "killed/LA/UGMCL_4/vnet_sdf", device=device)
+    assert load_saved(latest)["iteration"] < 6
+    run_script(SCRIPT, *killed, "--resume", device=device)
+    straight = load_saved(tmp_path / "straight/LA/UGMCL_4/vnet_sdf/iter_6.pth")["models"]
+    resumed = load_saved(latest.parent / "iter_6.pth")["models"]
     assert set(straight) == {"model", "ema_model"}
-    for net in straight:
-        for key in straight[net]:
-            assert torch.equal(straight[net][key], resumed[net][key]), (net, key)
+    assert_same_models(straight, resumed, device)
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train_ugpl_3D as ugpl
-from conftest import SHARED_LA, TINY, kill_after_first_save, read_summary, run_script
+from conftest import SHARED_LA, TINY, assert_same_models, kill_after_first_save, load_saved, read_summary, run_script
 from dataloaders.la_heart import LAHeart
 from dataloaders.transforms import CenterCrop
 from networks.net_factory_3d import net_factory_3d
@@ -183,15 +183,15 @@ def test_pseudo_label_loss_rescales_by_the_kept_fraction_and_ignores_the_rest():
 
 # -- the script ----------------------------------------------------------------------------------------------
 
-def train(synthetic_root, out, *flags):
-    """Two iterations of the script on the tiny synthetic data; the run directory."""
+def train(synthetic_root, out, *flags, device="cpu"):
+    """Two iterations of the script on the tiny synthetic data, on ``device``; the run directory."""
     run_script(SCRIPT, "--root_path", synthetic_root, "--output_root", out, "--labelnum", "4",
-               "--labeled_bs", "1", "--max_iterations", "2", *TINY, *flags, cwd=out.parent)
+               "--labeled_bs", "1", "--max_iterations", "2", *TINY, *flags, cwd=out.parent, device=device)
     return out / "LA/UGPL_4/resnet_vnet"
 
 
-def test_script_trains_evaluates_and_test_3d_reproduces(synthetic_root, tmp_path):
-    run = train(synthetic_root, tmp_path / "model")
+def test_script_trains_evaluates_and_test_3d_reproduces(synthetic_root, tmp_path, device):
+    run = train(synthetic_root, tmp_path / "model", device=device)
     config = json.loads((run / "config.json").read_text())
     assert config["script"] == "train_ugpl_3D" and config["args"]["prototype_separation"] == "push"
     log = (run / "log.txt").read_text()
@@ -200,7 +200,7 @@ def test_script_trains_evaluates_and_test_3d_reproduces(synthetic_root, tmp_path
         assert f"{term}: " in log
     assert "kept_fraction: 1.000000" not in log
     trained = read_summary(run / "eval_iter_2")
-    run_script("test_3D.py", "--run", run, "--progress", "0", cwd=tmp_path)
+    run_script("test_3D.py", "--run", run, "--progress", "0", cwd=tmp_path, device=device)
     tested = read_summary(run / "eval_iter_2_2")
     for metric in ("dice", "jaccard", "hd95", "asd"):
         assert tested[metric] == trained[metric]
@@ -230,22 +230,20 @@ def test_recomputed_activations_give_the_same_loss_gradients_and_batch_norm_stat
             assert torch.equal(buffer, copies[name].get_buffer(key)), (name, key)
 
 
-def test_killed_run_resumes_to_the_same_weights(synthetic_root, tmp_path):
+def test_killed_run_resumes_to_the_same_weights(synthetic_root, tmp_path, device):
     """Both networks, both optimisers and the batch-norm statistics continue exactly after a kill. Four
     iterations leave room for a kill that lands late on a loaded machine."""
     common = ["--root_path", synthetic_root, "--labelnum", "4", "--labeled_bs", "1", "--max_iterations", "4",
               "--save_interval", "1", "--no_eval", *TINY]
-    run_script(SCRIPT, *common, "--output_root", tmp_path / "straight")
+    run_script(SCRIPT, *common, "--output_root", tmp_path / "straight", device=device)
     killed = ["--output_root", tmp_path / "killed", *common]
-    latest = kill_after_first_save(SCRIPT, killed, tmp_path / "killed" / "LA/UGPL_4/resnet_vnet")
-    assert torch.load(latest, weights_only=True)["iteration"] < 4, "the run finished before it could be killed"
-    run_script(SCRIPT, *killed, "--resume")
-    straight = torch.load(tmp_path / "straight/LA/UGPL_4/resnet_vnet/iter_4.pth", weights_only=True)["models"]
-    resumed = torch.load(latest.parent / "iter_4.pth", weights_only=True)["models"]
+    latest = kill_after_first_save(SCRIPT, killed, tmp_path / "killed" / "LA/UGPL_4/resnet_vnet", device=device)
+    assert load_saved(latest)["iteration"] < 4, "the run finished before it could be killed"
+    run_script(SCRIPT, *killed, "--resume", device=device)
+    straight = load_saved(tmp_path / "straight/LA/UGPL_4/resnet_vnet/iter_4.pth")["models"]
+    resumed = load_saved(latest.parent / "iter_4.pth")["models"]
     assert set(straight) == {"subnet_a", "subnet_b"}
-    for net in straight:
-        for key in straight[net]:
-            assert torch.equal(straight[net][key], resumed[net][key]), (net, key)
+    assert_same_models(straight, resumed, device)
 
 
 def test_script_code_faithful_runs_with_the_filter_off(synthetic_root, tmp_path):
