@@ -137,10 +137,11 @@ def intra_task_consistency(logits, sdf, teacher_logits, teacher_sdf, mask, beta)
 
 
 def cross_task_consistency(logits, sdf, k):
-    """``L_ctc = mean ||p_fg - sigmoid(-k d)||^2`` over every voxel of the batch (Sec. 3.3).
-
-    With two classes, comparing the foreground channel equals comparing both channels against
-    ``(1 - sigmoid(-k d), sigmoid(-k d))`` as the released code does (the two squared errors are equal).
+    """``L_ctc = mean ||p_fg - sigmoid(-k d)||^2`` over every voxel of the batch (Sec. 3.3), with ``d`` the
+    separate distance head (DTC's form). With two classes this equals comparing both channels against
+    ``(1 - sigmoid(-k d), sigmoid(-k d))`` (the two squared errors are equal). The released (BraTS) code has no
+    distance head: it compares each softmax channel ``c`` with ``sigmoid(-k tanh(z_c))`` of the same logits
+    (docs/methods/ugmcl.md).
     """
     return torch.mean((torch.softmax(logits, dim=1)[:, 1:2] - sdf_to_probability(sdf, k)) ** 2)
 

@@ -113,7 +113,7 @@ PUBLISHED = {
     # docs/methods/dtc.md
     ("dtc", "LA", 16): (Published("89.42", "80.98", "7.32", "2.10", "DTC's README (docs/methods/dtc.md)"),),
     ("dtc", "LA", 8): (
-        Published("87.51", "78.17", "8.23", "2.36", "DTC's README (docs/methods/dtc.md)"),
+        Published("87.51", "78.17", "8.23", "2.36", "MC-Net's re-run, DTC* in DTC's README (docs/methods/dtc.md)"),
         Published("84.55", "73.91", "13.80", "3.69", "BCP/CAML tables (docs/methods/dtc.md)"),
     ),
     ("dtc", "LA", 4): (Published("81.25", "69.33", "14.90", "3.99", "SS-Net's re-run (docs/methods/dtc.md)"),),
