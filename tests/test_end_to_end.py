@@ -114,7 +114,7 @@ def test_amp_trains_and_evaluates_on_cuda(script, synthetic_root, tmp_path):
     log = (run / "log.txt").read_text()
     assert "iteration 2 : loss : " in log
     summary = read_summary(next(run.glob("eval_iter_2*")))
-    assert summary["num_cases"] == 2 and math.isfinite(summary["dice"])
+    assert summary["num_cases"] == 2 and math.isfinite(summary["dice"]["mean"])
 
 
 @pytest.mark.skipif(not SHARED_LA.is_dir(), reason="real LA data not present at ../shared/data/LA")
