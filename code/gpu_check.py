@@ -78,6 +78,7 @@ def get_parser():
 
 
 def check_args(args):
+    """One-line errors for settings that leave nothing to check, before any step starts."""
     select_device(args.device)
     if args.budget_minutes <= 0:
         raise UserError(f"--budget_minutes must be positive, got {args.budget_minutes}")
@@ -116,6 +117,7 @@ def run_within(command, budget, log_path):
 
 
 def tail(path, lines=3):
+    """The last ``lines`` lines of a log, on one line (what a failed step reports)."""
     return " / ".join(Path(path).read_text(errors="replace").strip().splitlines()[-lines:])
 
 
@@ -129,6 +131,7 @@ def run_tests(args, budget, work):
 
 
 def script_flags(args, method):
+    """The flags every run of ``method``'s script gets here: data, device, no progress bar; ``--tiny`` crops."""
     flags = ["--root_path", str(args.root_path), "--device", args.device, "--progress", "0"]
     if args.tiny:
         flags += TINY_FLAGS + TINY_METHOD_FLAGS.get(method, ["--labeled_bs", "1"]) + ["--labelnum", str(TINY_LABELNUM)]
@@ -260,12 +263,14 @@ def step_lines(steps, loaders):
 
 
 def cell(entry):
+    """Seconds with three decimals, or the reason there are none."""
     if "seconds" in entry:
         return f"{entry['seconds']:.3f}"
     return entry.get("error", "–").replace("|", "/")
 
 
 def protocol_lines(protocols):
+    """The table of the protocol runs: test metrics (or why there are none), minutes, command."""
     lines = ["| method | labelled | Dice (%) | Jaccard (%) | 95HD | ASD | minutes | command |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for entry in protocols:
