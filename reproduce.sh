@@ -29,8 +29,20 @@
 # table and the figures go), PLOTS (0: no figures), QUICK_ITERATIONS, QUICK_PATCH, QUICK_STRIDE ("XY Z"), QUICK_WIDTH,
 # HALF_ROOT, SYNTHETIC_ROOT, SYNTHETIC_SHAPE. Finished runs are skipped, interrupted ones resumed (--resume), and a failed run is
 # reported while the others go on; the script exits non-zero at the end if any failed.
+#
+# Several runs at once: JOBS=N runs N at a time (each with its console output in OUTPUT_ROOT/logs/), GPUS="0 1"
+# spreads them over those devices (CUDA_VISIBLE_DEVICES per job slot); the table is the same as a sequential
+# call's. PRINT_JOBS=1 prints one command per run instead (for a SLURM job array or GNU parallel): each trains
+# and evaluates its run with SUMMARY=0 (no table), and several may share the output folder; a plain call
+# afterwards skips the finished runs and writes the table and the figures.
 set -uo pipefail
 cd "$(dirname "$0")"
+
+PASSED=()  # the settings the caller gave, repeated in every command of PRINT_JOBS=1
+for name in DATA_ROOT QUICK DEVICE EXTRA_ARGS OUTPUT_ROOT PYTHON PLOTS HALF_ROOT SYNTHETIC_ROOT SYNTHETIC_SHAPE \
+            QUICK_ITERATIONS QUICK_PATCH QUICK_STRIDE QUICK_WIDTH QUICK_LABELNUMS; do
+    [ -n "${!name+x}" ] && PASSED+=("$name=${!name}")
+done
 
 DATA_ROOT=${DATA_ROOT:-data/LA}
 SEEDS=${SEEDS:-1337}
@@ -41,12 +53,29 @@ EXTRA_ARGS=${EXTRA_ARGS:-}
 PLOTS=${PLOTS:-1}
 PYTHON=${PYTHON:-python}
 QUICK=${QUICK:-0}
+JOBS=${JOBS:-1}
+GPUS=${GPUS:-}
+PRINT_JOBS=${PRINT_JOBS:-0}
+SUMMARY=${SUMMARY:-1}
+if ! [[ "$JOBS" =~ ^[1-9][0-9]*$ ]]; then
+    echo "error: JOBS must be a positive whole number, got '$JOBS'" >&2
+    exit 2
+fi
+if [ "$JOBS" -gt 1 ] && (( BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] < 501 )); then
+    echo "error: JOBS=$JOBS needs bash 5.1 or newer (this is $BASH_VERSION); use JOBS=1 or PRINT_JOBS=1" >&2
+    exit 2
+fi
 
 child=0
 stop_status=0
-on_signal() {  # on_signal STATUS: pass the stop on to the running step (it saves and exits), then stop here
+declare -A running=()  # JOBS > 1: the job subshells still running, pid -> "method labelnum seed"
+on_signal() {  # on_signal STATUS: pass the stop on to the running step or jobs (they save and exit), then stop
     stop_status=$1
     [ "$child" != 0 ] && kill -TERM "$child" 2>/dev/null
+    local pid
+    for pid in "${!running[@]}"; do
+        kill -TERM "$pid" 2>/dev/null
+    done
 }
 trap 'on_signal 130' INT
 trap 'on_signal 143' TERM
@@ -137,13 +166,6 @@ else
 fi
 OUTPUT_ROOT=${OUTPUT_ROOT:-model/reproduce/$PROTOCOL}
 mkdir -p "$OUTPUT_ROOT" || exit 2
-if command -v flock >/dev/null; then  # one reproduce.sh per output folder (the lock passes to its steps)
-    exec 9>"$OUTPUT_ROOT/.reproduce.lock"
-    if ! flock -n 9; then
-        echo "error: another reproduce.sh (or a step it started) is still working in $OUTPUT_ROOT" >&2
-        exit 2
-    fi
-fi
 RESULTS=${RESULTS:-$OUTPUT_ROOT/results.md}
 FIGURES=${FIGURES:-$OUTPUT_ROOT/figures}
 COMMON=(--root_path "$DATA_ROOT" --output_root "$OUTPUT_ROOT" --device "$DEVICE" --no_eval)
@@ -233,20 +255,125 @@ run_one() {  # run_one METHOD LABELNUM SEED: train (or resume, or skip) and eval
     fi
 }
 
-started=$(date +%s)
+reap_one() {  # reap_one: wait for one job subshell to end; report it, record a failure or a stop
+    local pid="" status=0
+    wait -n -p pid "${!running[@]}" || status=$?
+    [ -n "${pid:-}" ] || return 0  # a signal interrupted the wait (pid unset); the caller waits again
+    local job=${running[$pid]} slot
+    unset "running[$pid]"
+    for slot in "${!slot_pid[@]}"; do
+        [ "${slot_pid[$slot]}" = "$pid" ] && unset "slot_pid[$slot]"
+    done
+    if [ "$status" = 130 ] || [ "$status" = 143 ]; then
+        [ "$stop_status" != 0 ] || stop_status=$status
+    elif [ "$status" != 0 ]; then
+        failed+=("${job// //}")
+        echo "!! $job: failed (log: $(job_log "$job"))"
+    else
+        echo "== $job: done"
+    fi
+}
+
+job_log() {  # job_log "METHOD LABELNUM SEED": the file that holds a parallel job's console output
+    local method labelnum seed
+    read -r method labelnum seed <<< "$1"
+    echo "$OUTPUT_ROOT/logs/${method}_${labelnum}_seed${seed}.log"
+}
+
+run_parallel() {  # run_parallel: every job, JOBS at a time, each in a subshell with its own log and GPU slot
+    local job method labelnum seed slot pid index=0 gpus
+    read -r -a gpus <<< "$GPUS"
+    mkdir -p "$OUTPUT_ROOT/logs"
+    for job in "${job_list[@]}"; do
+        while [ ${#running[@]} -ge "$JOBS" ] && [ "$stop_status" = 0 ]; do
+            reap_one
+        done
+        [ "$stop_status" = 0 ] || break
+        for slot in $(seq 0 $((JOBS - 1))); do
+            [ -z "${slot_pid[$slot]:-}" ] && break
+        done
+        index=$((index + 1))
+        read -r method labelnum seed <<< "$job"
+        (
+            running=()
+            trap 'on_signal 130' INT
+            trap 'on_signal 143' TERM
+            [ ${#gpus[@]} -gt 0 ] && export CUDA_VISIBLE_DEVICES=${gpus[$((slot % ${#gpus[@]}))]}
+            failed=()
+            run_one "$method" "$labelnum" "$seed"
+            [ ${#failed[@]} = 0 ]
+        ) > "$(job_log "$job")" 2>&1 &
+        pid=$!
+        running[$pid]=$job
+        slot_pid[$slot]=$pid
+        local where=""
+        [ ${#gpus[@]} -gt 0 ] && where=" on GPU ${gpus[$((slot % ${#gpus[@]}))]}"
+        echo "== [$index/${#job_list[@]}] $job: started$where (log: $(job_log "$job"))"
+    done
+    while [ ${#running[@]} -gt 0 ]; do
+        reap_one
+    done
+    if [ "$stop_status" != 0 ]; then
+        echo "!! stopped by a signal; run the same command again to continue"
+        exit "$stop_status"
+    fi
+}
+
 all_labels=$(count_cases "$DATA_ROOT/train.list")
+job_list=()  # "method labelnum seed", in the order a sequential call runs them
 for seed in $SEEDS; do
     for labelnum in $LABELNUMS; do
         for method in $METHODS; do
-            run_one "$method" "$labelnum" "$seed"
+            job_list+=("$method $labelnum $seed")
         done
     done
     if [ "$UPPER_BOUND" = 1 ] && [[ " $METHODS " == *" supervised "* ]]; then
-        run_one supervised "$all_labels" "$seed"
+        job_list+=("supervised $all_labels $seed")
     fi
 done
+
+if [ "$PRINT_JOBS" = 1 ]; then  # one self-contained command per run, nothing trained here
+    for job in "${job_list[@]}"; do
+        read -r method labelnum seed <<< "$job"
+        printf '%q ' env "${PASSED[@]}" "METHODS=$method" "LABELNUMS=$labelnum" "SEEDS=$seed" UPPER_BOUND=0 \
+            SUMMARY=0 bash "$PWD/reproduce.sh"
+        echo
+    done
+    exit 0
+fi
+
+if command -v flock >/dev/null; then
+    # the output folder belongs to one reproduce.sh that writes the table, or to any number of SUMMARY=0 jobs
+    # (each run folder is locked by the process training in it); the lock passes to the steps
+    exec 9>"$OUTPUT_ROOT/.reproduce.lock"
+    if [ "$SUMMARY" = 0 ]; then
+        flock -s -n 9 || { echo "error: a reproduce.sh that writes the table is still working in $OUTPUT_ROOT" >&2
+                           exit 2; }
+    elif ! flock -n 9; then
+        echo "error: another reproduce.sh (or a step it started) is still working in $OUTPUT_ROOT" >&2
+        exit 2
+    fi
+fi
+
+declare -a slot_pid=()
+started=$(date +%s)
+if [ "$JOBS" = 1 ]; then
+    for job in "${job_list[@]}"; do
+        read -r method labelnum seed <<< "$job"
+        run_one "$method" "$labelnum" "$seed"
+    done
+else
+    run_parallel
+fi
 minutes=$(( ($(date +%s) - started + 59) / 60 ))
 
+if [ "$SUMMARY" = 0 ]; then
+    if [ ${#failed[@]} -gt 0 ]; then
+        echo "FAILED: ${failed[*]}"
+        exit 1
+    fi
+    exit 0
+fi
 echo
 if ! step "$PYTHON" code/utils/summarize.py --model_dir "$OUTPUT_ROOT" --out "$RESULTS" \
         --title "Results: $PROTOCOL" --note "$NOTE Wall time of this reproduce.sh call: $minutes min."; then

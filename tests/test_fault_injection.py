@@ -10,22 +10,24 @@ import subprocess
 import pytest
 import torch
 
-from conftest import REPO_ROOT, wait_for
+from conftest import REPO_ROOT, assert_same_models, wait_for
 
 ITERATIONS = 20
 SAVE_INTERVAL = 5
 
 
-def environment(tmp_path, output):
+def environment(tmp_path, output, **extra):
     return {**os.environ, "DATA_ROOT": str(tmp_path / "no_data"), "SYNTHETIC_ROOT": str(tmp_path / "synthetic"),
             "SYNTHETIC_SHAPE": "48 48 32", "QUICK_PATCH": "32 32 16", "QUICK_ITERATIONS": str(ITERATIONS),
             "METHODS": "supervised", "UPPER_BOUND": "0", "PLOTS": "0", "DEVICE": "cpu",
-            "EXTRA_ARGS": f"--save_interval {SAVE_INTERVAL} --progress 0", "OUTPUT_ROOT": str(tmp_path / output)}
+            "EXTRA_ARGS": f"--save_interval {SAVE_INTERVAL} --progress 0", "OUTPUT_ROOT": str(tmp_path / output),
+            **extra}
 
 
-def start(tmp_path, output):
+def start(tmp_path, output, **extra):
     """``bash reproduce.sh`` in its own process group, as a terminal or a scheduler runs it."""
-    return subprocess.Popen(["bash", str(REPO_ROOT / "reproduce.sh")], cwd=tmp_path, env=environment(tmp_path, output),
+    return subprocess.Popen(["bash", str(REPO_ROOT / "reproduce.sh")], cwd=tmp_path,
+                            env=environment(tmp_path, output, **extra),
                             start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             encoding="utf-8", errors="replace")
 
@@ -101,7 +103,7 @@ def test_runs_killed_anywhere_end_bitwise_equal_to_an_uninterrupted_one(referenc
     straight = run_folder(tmp_path, "straight")
     expected = torch.load(straight / f"iter_{ITERATIONS}.pth", weights_only=True)["models"]["model"]
     got = torch.load(run / f"iter_{ITERATIONS}.pth", weights_only=True)["models"]["model"]
-    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    assert_same_models({"model": expected}, {"model": got})
     eval_name = f"eval_iter_{ITERATIONS}"
     assert (run / eval_name / "metrics.csv").read_text() == (straight / eval_name / "metrics.csv").read_text()
     table = (tmp_path / "faulty" / "results.md").read_text(encoding="utf-8")
@@ -118,3 +120,16 @@ def test_a_second_reproduce_on_the_same_output_is_refused(reference):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def test_a_signal_stops_every_parallel_job_and_the_next_call_continues_them(reference):
+    tmp_path, jobs = reference, {"JOBS": "2", "METHODS": "supervised mt"}
+    run = run_folder(tmp_path, "parallel")
+    status, out = kill_when(start(tmp_path, "parallel", **jobs), lambda: logged(run, 3), signal.SIGTERM, group=False)
+    assert status == 143 and "stopped by a signal" in out, out
+    assert not (run / f"iter_{ITERATIONS}.pth").exists() and latest_iteration(run) < ITERATIONS
+    status, out = finish(start(tmp_path, "parallel", **jobs))
+    assert status == 0 and out.count(": done") == 2, out
+    straight = torch.load(run_folder(tmp_path, "straight") / f"iter_{ITERATIONS}.pth", weights_only=True)
+    resumed = torch.load(run / f"iter_{ITERATIONS}.pth", weights_only=True)
+    assert_same_models(straight["models"], resumed["models"])

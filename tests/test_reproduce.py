@@ -65,3 +65,39 @@ def test_a_finished_run_made_with_other_settings_is_reported_not_reused(quick):
     assert proc.returncode == 1
     assert "trained with other settings: --base_lr 0.01 -> 0.02" in proc.stdout + proc.stderr
     assert "trained already" not in proc.stdout and proc.stdout.rstrip().endswith("FAILED: supervised/4/1337")
+
+
+def first_tables(tmp_path, output="runs"):
+    """The rows of the results table and of the paired comparison (everything but the header note)."""
+    text = (tmp_path / output / "results.md").read_text(encoding="utf-8")
+    return [line for line in text.splitlines() if line.startswith("| quickstart_synthetic |")]
+
+
+def test_jobs_run_in_parallel_and_give_the_sequential_table(quick, tmp_path):
+    sequential, _ = quick
+    proc = reproduce(tmp_path, JOBS="2", PLOTS="0")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout.count(": started") == 9 and proc.stdout.count(": done") == 9
+    assert "[9/9] supervised 16 1337: started" in proc.stdout
+    logs = sorted(p.name for p in (tmp_path / "runs" / "logs").iterdir())
+    assert len(logs) == 9 and "ucseg_4_seed1337.log" in logs
+    assert first_tables(tmp_path) == first_tables(sequential)
+
+
+def test_print_jobs_lists_a_command_per_run_that_runs_it_alone(quick):
+    tmp_path, _ = quick
+    proc = reproduce(tmp_path, PRINT_JOBS="1")
+    assert proc.returncode == 0
+    commands = [line for line in proc.stdout.splitlines() if line.startswith("env ")]
+    assert len(commands) == 9 and all("SUMMARY=0" in line and "UPPER_BOUND=0" in line for line in commands)
+    assert "METHODS=supervised LABELNUMS=16 SEEDS=1337" in commands[-1]
+    table = (tmp_path / "runs" / "results.md").stat().st_mtime_ns
+    job = subprocess.run(commands[1], shell=True, cwd=tmp_path, capture_output=True, encoding="utf-8", timeout=600)
+    assert job.returncode == 0, job.stdout + job.stderr
+    assert "== mt, 4 labels, seed 1337: trained already" in job.stdout and "evaluated already" in job.stdout
+    assert (tmp_path / "runs" / "results.md").stat().st_mtime_ns == table  # SUMMARY=0 writes no table
+
+
+def test_jobs_must_be_a_positive_number(tmp_path):
+    proc = reproduce(tmp_path, JOBS="0")
+    assert proc.returncode == 2 and "JOBS must be a positive whole number" in proc.stderr
