@@ -319,6 +319,30 @@ run_parallel() {  # run_parallel: every job, JOBS at a time, each in a subshell 
     fi
 }
 
+time_left() {  # time_left TRAINED SECONDS REMAINING: an estimate from the runs this call trained so far
+    if [ "$1" = 0 ]; then
+        echo "no estimate of the time left yet"
+    else
+        echo "about $(( $2 / $1 * $3 / 60 )) min left at $(( $2 / $1 / 60 )) min a run so far (methods differ)"
+    fi
+}
+
+run_sequential() {  # run_sequential: every job in order, with a counter and an estimate of the time left
+    local job method labelnum seed index=0 trained=0 spent=0 began elapsed
+    for job in "${job_list[@]}"; do
+        index=$((index + 1))
+        read -r method labelnum seed <<< "$job"
+        echo "== [$index/${#job_list[@]}] $(time_left "$trained" "$spent" $(( ${#job_list[@]} - index + 1 )))"
+        began=$(date +%s)
+        run_one "$method" "$labelnum" "$seed"
+        elapsed=$(( $(date +%s) - began ))
+        if [ "$elapsed" -ge 60 ]; then  # a skipped run takes seconds: only trained runs make the estimate
+            trained=$((trained + 1))
+            spent=$((spent + elapsed))
+        fi
+    done
+}
+
 all_labels=$(count_cases "$DATA_ROOT/train.list")
 job_list=()  # "method labelnum seed", in the order a sequential call runs them
 for seed in $SEEDS; do
@@ -358,10 +382,7 @@ fi
 declare -a slot_pid=()
 started=$(date +%s)
 if [ "$JOBS" = 1 ]; then
-    for job in "${job_list[@]}"; do
-        read -r method labelnum seed <<< "$job"
-        run_one "$method" "$labelnum" "$seed"
-    done
+    run_sequential
 else
     run_parallel
 fi

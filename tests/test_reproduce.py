@@ -30,6 +30,7 @@ def test_quick_path_trains_evaluates_and_tabulates_every_method(quick):
     tmp_path, proc = quick
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "No dataset at" in proc.stdout and "FAILED" not in proc.stdout
+    assert "== [1/9] no estimate of the time left yet" in proc.stdout and "== [9/9] " in proc.stdout
     runs = tmp_path / "runs" / "quickstart_synthetic_seed1337"
     evaluated = sorted(p.parents[2].name for p in runs.glob("*/*/eval_iter_2*/summary.json"))
     assert evaluated == sorted(["Supervised_4", "MT_4", "UAMT_4", "DTC_4", "CPS_4", "UGMCL_4", "UCSeg_4", "UGPL_4",
