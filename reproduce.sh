@@ -10,10 +10,11 @@
 # Three protocols, chosen by what is there:
 # - the papers' (DATA_ROOT holds LA): every method with its paper's iterations, patch and schedule, plus the
 #   fully supervised upper bound; table docs/results.md, figures docs/figures/.
-# - QUICK=1 (DATA_ROOT holds LA): a CPU protocol defined by convergence (docs/results_quick.md). A
+# - QUICK=1 (DATA_ROOT holds LA): a CPU protocol defined by convergence (docs/cpu_protocol.md). A
 #   half-resolution copy of LA is written once to data/LA_half (code/dataloaders/resample.py); every method
 #   runs at 8 labels with networks of width QUICK_WIDTH (default 8: --n_filters, the same for all) on 48x48x32
-#   crops in batches of 2 (1 labelled + 1 unlabelled) for QUICK_ITERATIONS (default 2250) iterations, its
+#   crops, 2 labelled crops per iteration for every method (the labelled-only runs batches of 2, the others
+#   QUICK_SEMI_BATCH="2 2": 2 labelled + 2 unlabelled, the papers') for QUICK_ITERATIONS (default 2250) iterations, its
 #   schedule (lr steps, consistency ramps, mixing start) shrunk in proportion, and every method is evaluated the
 #   same way: sliding window at stride 16/8, largest component off; table docs/results_quick.md, figures
 #   docs/figures_quick/. Not comparable with the papers.
@@ -27,6 +28,7 @@
 # training case; default 1), DEVICE (auto|cpu|cuda, default auto), EXTRA_ARGS (added to every training
 # command), OUTPUT_ROOT (where the runs go, default model/reproduce/<protocol>), RESULTS and FIGURES (where the
 # table and the figures go), PLOTS (0: no figures), QUICK_ITERATIONS, QUICK_PATCH, QUICK_STRIDE ("XY Z"), QUICK_WIDTH,
+# QUICK_SEMI_BATCH ("labelled unlabelled" crops of the semi-supervised methods; synthetic: "1 1"),
 # HALF_ROOT, SYNTHETIC_ROOT, SYNTHETIC_SHAPE. Finished runs are skipped, interrupted ones resumed (--resume), and a failed run is
 # reported while the others go on; the script exits non-zero at the end if any failed.
 #
@@ -132,11 +134,12 @@ if [ -f "$DATA_ROOT/train.list" ]; then
         QUICK_STRIDE=${QUICK_STRIDE:-"16 8"}
         QUICK_WIDTH=${QUICK_WIDTH:-8}
         QUICK_NMS=0
+        QUICK_SEMI_BATCH=${QUICK_SEMI_BATCH:-"2 2"}
         RESULTS=${RESULTS:-docs/results_quick.md}
         FIGURES=${FIGURES:-docs/figures_quick}
         NOTE="CPU protocol (QUICK=1 bash reproduce.sh): LA at half resolution, networks of width $QUICK_WIDTH, \
-$QUICK_ITERATIONS iterations on ${QUICK_PATCH// /x} crops in batches of 2 (1 labelled + 1 unlabelled for the \
-semi-supervised methods), schedules \
+$QUICK_ITERATIONS iterations on ${QUICK_PATCH// /x} crops in batches of 2 labelled crops (labelled-only runs) \
+or ${QUICK_SEMI_BATCH% *} labelled + ${QUICK_SEMI_BATCH#* } unlabelled (semi-supervised methods), schedules \
 shrunk in proportion, every method evaluated with the sliding window at stride ${QUICK_STRIDE// //} and the \
 largest component off. NOT comparable with the papers' numbers."
     else
@@ -162,6 +165,7 @@ else
     QUICK_PATCH=${QUICK_PATCH:-"64 64 32"}
     QUICK_STRIDE=${QUICK_STRIDE:-"32 16"}
     QUICK_WIDTH=${QUICK_WIDTH:-16}
+    QUICK_SEMI_BATCH=${QUICK_SEMI_BATCH:-"1 1"}
     NOTE="Synthetic quick start (no dataset found): it shows that the pipeline works; the numbers mean nothing."
 fi
 OUTPUT_ROOT=${OUTPUT_ROOT:-model/reproduce/$PROTOCOL}
@@ -172,7 +176,7 @@ COMMON=(--root_path "$DATA_ROOT" --output_root "$OUTPUT_ROOT" --device "$DEVICE"
 if [ "$QUICK" = 1 ]; then
     read -r stride_xy stride_z <<< "$QUICK_STRIDE"
     # shellcheck disable=SC2206
-    COMMON+=(--patch_size $QUICK_PATCH --stride_xy "$stride_xy" --stride_z "$stride_z" --batch_size 2
+    COMMON+=(--patch_size $QUICK_PATCH --stride_xy "$stride_xy" --stride_z "$stride_z"
              --n_filters "$QUICK_WIDTH")
     [ -n "${QUICK_NMS:-}" ] && COMMON+=(--nms "$QUICK_NMS")
 fi
@@ -224,7 +228,15 @@ run_one() {  # run_one METHOD LABELNUM SEED: train (or resume, or skip) and eval
     [ "$QUICK" = 1 ] && iterations=$QUICK_ITERATIONS
     # shellcheck disable=SC2206
     local args=(--exp "$exp" --labelnum "$labelnum" --seed "$seed" $schedule "${COMMON[@]}")
-    [ "$QUICK" = 1 ] && [ "$method" != supervised ] && args+=(--labeled_bs 1)  # batches of 1 + 1 crops
+    if [ "$QUICK" = 1 ]; then  # the labelled-only runs: 2 labelled crops; the others QUICK_SEMI_BATCH
+        local labelled unlabelled
+        read -r labelled unlabelled <<< "$QUICK_SEMI_BATCH"
+        if [ "$method" = supervised ]; then
+            args+=(--batch_size 2)
+        else
+            args+=(--batch_size $((labelled + unlabelled)) --labeled_bs "$labelled")
+        fi
+    fi
     # small crops fit in memory without recomputing activations (a runtime flag: the same weights, faster)
     [ "$QUICK" = 1 ] && [[ " ucseg ugpl " == *" $method "* ]] && args+=(--recompute off)
     # shellcheck disable=SC2206
