@@ -14,8 +14,8 @@
 #   half-resolution copy of LA is written once to data/LA_half (code/dataloaders/resample.py); every method
 #   runs at 8 labels with networks of width QUICK_WIDTH (default 8: --n_filters, the same for all) on 48x48x32
 #   crops, 2 labelled crops per iteration for every method (the labelled-only runs batches of 2, the others
-#   QUICK_SEMI_BATCH="2 2": 2 labelled + 2 unlabelled, the papers') for QUICK_ITERATIONS (default 2250) iterations, its
-#   schedule (lr steps, consistency ramps, mixing start) shrunk in proportion, and every method is evaluated the
+#   QUICK_SEMI_BATCH="2 2": 2 labelled + 2 unlabelled, the papers') for QUICK_ITERATIONS (default 2250)
+#   iterations, its schedule (lr steps, consistency ramps, mixing start) shrunk in proportion, and every method is evaluated the
 #   same way: sliding window at stride 16/8, largest component off; table docs/results_quick.md, figures
 #   docs/figures_quick/. Not comparable with the papers.
 # - no dataset at DATA_ROOT: the synthetic quick start. A synthetic dataset is written to SYNTHETIC_ROOT
@@ -42,7 +42,7 @@ cd "$(dirname "$0")"
 
 PASSED=()  # the settings the caller gave, repeated in every command of PRINT_JOBS=1
 for name in DATA_ROOT QUICK DEVICE EXTRA_ARGS OUTPUT_ROOT PYTHON PLOTS HALF_ROOT SYNTHETIC_ROOT SYNTHETIC_SHAPE \
-            QUICK_ITERATIONS QUICK_PATCH QUICK_STRIDE QUICK_WIDTH QUICK_LABELNUMS; do
+            QUICK_ITERATIONS QUICK_PATCH QUICK_STRIDE QUICK_WIDTH QUICK_SEMI_BATCH QUICK_LABELNUMS; do
     [ -n "${!name+x}" ] && PASSED+=("$name=${!name}")
 done
 

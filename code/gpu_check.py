@@ -118,7 +118,7 @@ def run_within(command, budget, log_path):
 
 def tail(path, lines=3):
     """The last ``lines`` lines of a log, on one line (what a failed step reports)."""
-    return " / ".join(Path(path).read_text(errors="replace").strip().splitlines()[-lines:])
+    return " / ".join(Path(path).read_text(encoding="utf-8", errors="replace").strip().splitlines()[-lines:])
 
 
 # -- steps ------------------------------------------------------------------------------------------------------
@@ -153,7 +153,7 @@ def time_step(args, method, amp, budget, work):
                 tail(work / f"step_{name}.txt")}
     log = next(scratch.glob("gpu_check/run_*/*/log.txt"))
     seconds = iteration_seconds(log_times(log), args.warmup)
-    config = json.loads((log.parent / "config.json").read_text())["args"]
+    config = json.loads((log.parent / "config.json").read_text(encoding="utf-8"))["args"]
     return {"method": method, "amp": amp, "seconds": statistics.median(seconds), "patch": config["patch_size"],
             "batch_size": config["batch_size"]}
 
@@ -218,7 +218,7 @@ def run_protocol(args, method, budget, work):
     shown = shlex.join(["python", f"code/{SCRIPTS[method]}.py", *command[2:]])
     result = {"method": method, "labelnum": labelnum, "command": shown}
     if summaries:
-        return {**result, "summary": json.loads(summaries[-1].read_text()), "minutes": None}
+        return {**result, "summary": json.loads(summaries[-1].read_text(encoding="utf-8")), "minutes": None}
     if runs:
         command.append("--resume")
     if budget.left() <= 0:
@@ -228,7 +228,7 @@ def run_protocol(args, method, budget, work):
     result["minutes"] = (time.monotonic() - started) / 60
     summaries = sorted(output_root.glob(f"LA/{method}_{labelnum}/*/eval_iter_*/summary.json"))
     if status == 0 and summaries:
-        return {**result, "summary": json.loads(summaries[-1].read_text())}
+        return {**result, "summary": json.loads(summaries[-1].read_text(encoding="utf-8"))}
     if stopped:
         return {**result, "error": "stopped by the budget; saved, and this command continues it"}
     return {**result, "error": tail(work / f"protocol_{method}.txt")}
@@ -324,7 +324,6 @@ def main(argv=None):
         results["protocol"] = [run_protocol(args, method, budget, work) for method in PROTOCOL_METHODS]
     page = render(args, device, results)
     write_atomically(out, lambda handle: handle.write(page.encode("utf-8")))
-    print(page)
     print(f"written to {out}")
 
 

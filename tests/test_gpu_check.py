@@ -11,7 +11,7 @@ def check(synthetic_root, tmp_path, *flags):
 def test_steps_write_their_tables(synthetic_root, tmp_path):
     check(synthetic_root, tmp_path, "--steps", "step", "loader", "--methods", "supervised", "dtc",
           "--iterations", "3", "--warmup", "1", "--loader_batches", "2")
-    page = (tmp_path / "page.md").read_text()
+    page = (tmp_path / "page.md").read_text(encoding="utf-8")
     assert "device: CPU" in page and "## Step and loader" in page and "## Full protocol" not in page
     rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in page.splitlines() if line.startswith("| ")}
     for method in ("supervised", "dtc"):
@@ -21,9 +21,9 @@ def test_steps_write_their_tables(synthetic_root, tmp_path):
 
 def test_a_protocol_run_stopped_by_the_budget_is_continued_by_the_next_call(synthetic_root, tmp_path):
     check(synthetic_root, tmp_path, "--steps", "protocol", "--budget_minutes", "0.34")
-    assert "stopped by the budget" in (tmp_path / "page.md").read_text()
+    assert "stopped by the budget" in (tmp_path / "page.md").read_text(encoding="utf-8")
     check(synthetic_root, tmp_path, "--steps", "protocol")
-    rows = [line.split(" | ") for line in (tmp_path / "page.md").read_text().splitlines()
+    rows = [line.split(" | ") for line in (tmp_path / "page.md").read_text(encoding="utf-8").splitlines()
             if line.startswith("| supervised") or line.startswith("| uamt")]
     assert len(rows) == 2 and all(0 <= float(row[2]) <= 100 for row in rows)
     assert "--max_iterations 4" in rows[0][-1]
