@@ -36,7 +36,7 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from benchmark import iteration_seconds, log_times  # noqa: E402
+from benchmark import METHODS, iteration_seconds, log_times  # noqa: E402
 from dataloaders.samplers import InfiniteBatches, seed_worker  # noqa: E402
 from utils.atomic import write_atomically  # noqa: E402
 from utils.cli import REPO_ROOT, ArgumentParser, output_path, resolve_path, run_cli  # noqa: E402
@@ -44,8 +44,9 @@ from utils.errors import UserError  # noqa: E402
 from utils.runtime import select_device  # noqa: E402
 
 STEPS = ("tests", "step", "loader", "protocol")
-SCRIPTS = {"supervised": "train_supervised_3D", "mt": "train_mt_3D", "uamt": "train_uamt_3D", "dtc": "train_dtc_3D",
-           "cps": "train_cps_3D", "ugmcl": "train_ugmcl_3D", "ucseg": "train_ucseg_3D", "ugpl": "train_ugpl_3D"}
+# method -> script module: the supervised baseline and benchmark.py's method table
+SCRIPTS = {"supervised": "train_supervised_3D",
+           **{method: script[:-len(".py")] for method, (script, _) in METHODS.items()}}
 PROTOCOL_METHODS = ("supervised", "uamt")
 PROTOCOL_LABELNUM = 8
 # --tiny: crops and batches small enough for the CPU and for synthetic volumes (UC-Seg mixes from the start)
