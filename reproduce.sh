@@ -24,30 +24,39 @@
 #   only show that the pipeline works.
 #
 # Environment: DATA_ROOT (default data/LA), LABELNUMS (default "8 16"; QUICK: "8"; synthetic: "4"), SEEDS
-# (default "1337"), METHODS (default: every method below), UPPER_BOUND (1: also the supervised run on every
-# training case; default 1), DEVICE (auto|cpu|cuda, default auto), EXTRA_ARGS (added to every training
-# command), OUTPUT_ROOT (where the runs go, default model/reproduce/<protocol>), RESULTS and FIGURES (where the
-# table and the figures go), PLOTS (0: no figures), QUICK_ITERATIONS, QUICK_PATCH, QUICK_STRIDE ("XY Z"), QUICK_WIDTH,
-# QUICK_SEMI_BATCH ("labelled unlabelled" crops of the semi-supervised methods; synthetic: "1 1"),
-# HALF_ROOT, SYNTHETIC_ROOT, SYNTHETIC_SHAPE. Finished runs are skipped, interrupted ones resumed (--resume), and a failed run is
+# (default "1337"), LABEL_SEEDS (draws of the labelled cases, --label_seed, each run for every seed; default: none,
+# the first LABELNUM cases of the list as in the papers; the table then separates the two spreads), VAL_NUM (cases
+# held out of the training list for validation, --val_num, validated every VAL_INTERVAL iterations, default a tenth
+# of the run; the weights best on validation are evaluated beside the final ones; default 0, the papers'), METHODS
+# (default: every method below), UPPER_BOUND (1: also the supervised run on every training case; default 1),
+# DEVICE (auto|cpu|cuda, default auto), EXTRA_ARGS (added to every training command), OUTPUT_ROOT (where the runs
+# go, default model/reproduce/<protocol>), RESULTS and FIGURES (where the table and the figures go), PLOTS (0: no
+# figures), QUICK_ITERATIONS, QUICK_PATCH, QUICK_STRIDE ("XY Z"), QUICK_WIDTH, QUICK_SEMI_BATCH ("labelled
+# unlabelled" crops of the semi-supervised methods; synthetic: "1 1"), HALF_ROOT, SYNTHETIC_ROOT, SYNTHETIC_SHAPE.
+# Finished runs are skipped, interrupted ones resumed (--resume), and a failed run is
 # reported while the others go on; the script exits non-zero at the end if any failed.
 #
 # Several runs at once: JOBS=N runs N at a time (each with its console output in OUTPUT_ROOT/logs/), GPUS="0 1"
-# spreads them over those devices (CUDA_VISIBLE_DEVICES per job slot); the table is the same as a sequential
-# call's. PRINT_JOBS=1 prints one command per run instead (for a SLURM job array or GNU parallel): each trains
-# and evaluates its run with SUMMARY=0 (no table), and several may share the output folder; a plain call
+# spreads them over those devices (CUDA_VISIBLE_DEVICES per job slot), each job's data loader with its share of
+# the CPUs (nproc / JOBS - 1 workers, at least 2; EXTRA_ARGS="--num_workers K" overrides); the table is the same
+# as a sequential call's. PRINT_JOBS=1 prints one command per run instead (for a SLURM job array or GNU parallel):
+# each trains and evaluates its run with SUMMARY=0 (no table), and several may share the output folder; a plain call
 # afterwards skips the finished runs and writes the table and the figures.
 set -uo pipefail
 cd "$(dirname "$0")"
 
 PASSED=()  # the settings the caller gave, repeated in every command of PRINT_JOBS=1
 for name in DATA_ROOT QUICK DEVICE EXTRA_ARGS OUTPUT_ROOT PYTHON PLOTS HALF_ROOT SYNTHETIC_ROOT SYNTHETIC_SHAPE \
-            QUICK_ITERATIONS QUICK_PATCH QUICK_STRIDE QUICK_WIDTH QUICK_SEMI_BATCH QUICK_LABELNUMS; do
+            QUICK_ITERATIONS QUICK_PATCH QUICK_STRIDE QUICK_WIDTH QUICK_SEMI_BATCH QUICK_LABELNUMS \
+            VAL_NUM VAL_INTERVAL; do
     [ -n "${!name+x}" ] && PASSED+=("$name=${!name}")
 done
 
 DATA_ROOT=${DATA_ROOT:-data/LA}
 SEEDS=${SEEDS:-1337}
+LABEL_SEEDS=${LABEL_SEEDS:-}
+VAL_NUM=${VAL_NUM:-0}
+VAL_INTERVAL=${VAL_INTERVAL:-}
 METHODS=${METHODS:-"supervised mt uamt dtc cps ugmcl ucseg ugpl"}
 UPPER_BOUND=${UPPER_BOUND:-1}
 DEVICE=${DEVICE:-auto}
@@ -63,6 +72,10 @@ if ! [[ "$JOBS" =~ ^[1-9][0-9]*$ ]]; then
     echo "error: JOBS must be a positive whole number, got '$JOBS'" >&2
     exit 2
 fi
+if ! [[ "$VAL_NUM" =~ ^[0-9]+$ ]]; then
+    echo "error: VAL_NUM must be a whole number, got '$VAL_NUM'" >&2
+    exit 2
+fi
 if [ "$JOBS" -gt 1 ] && (( BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] < 501 )); then
     echo "error: JOBS=$JOBS needs bash 5.1 or newer (this is $BASH_VERSION); use JOBS=1 or PRINT_JOBS=1" >&2
     exit 2
@@ -70,7 +83,7 @@ fi
 
 child=0
 stop_status=0
-declare -A running=()  # JOBS > 1: the job subshells still running, pid -> "method labelnum seed"
+declare -A running=()  # JOBS > 1: the job subshells still running, pid -> "method labelnum seed draw"
 on_signal() {  # on_signal STATUS: pass the stop on to the running step or jobs (they save and exit), then stop
     stop_status=$1
     [ "$child" != 0 ] && kill -TERM "$child" 2>/dev/null
@@ -180,6 +193,10 @@ if [ "$QUICK" = 1 ]; then
              --n_filters "$QUICK_WIDTH")
     [ -n "${QUICK_NMS:-}" ] && COMMON+=(--nms "$QUICK_NMS")
 fi
+if [ "$JOBS" -gt 1 ]; then  # the jobs share the CPUs: each loader gets its part (the batches do not depend on it)
+    workers=$(( $(nproc) / JOBS - 1 ))
+    COMMON+=(--num_workers $(( workers < 2 ? 2 : workers )))
+fi
 
 scaled() {  # scaled VALUE FROM TO: VALUE x TO / FROM, rounded, at least 1 (a schedule shrunk to a shorter run)
     awk -v v="$1" -v from="$2" -v to="$3" 'BEGIN { s = v * to / from; if (s < 1) s = 1; print int(s + 0.5) }'
@@ -205,8 +222,12 @@ count_cases() {  # count_cases LIST: non-empty lines
 
 failed=()
 evaluated() {  # evaluated RUN ITERATIONS: the run has a complete evaluation of its final weights
+    evaluated_checkpoint "$1" "iter_$2"
+}
+
+evaluated_checkpoint() {  # evaluated_checkpoint RUN STEM: the folder of a complete evaluation of RUN/STEM.pth
     local folder
-    for folder in "$1/eval_iter_$2" "$1/eval_iter_$2"_*; do
+    for folder in "$1/eval_$2" "$1/eval_$2"_*; do
         if [ -f "$folder/summary.json" ]; then
             echo "$folder"
             return 0
@@ -215,12 +236,20 @@ evaluated() {  # evaluated RUN ITERATIONS: the run has a complete evaluation of 
     return 1
 }
 
-run_one() {  # run_one METHOD LABELNUM SEED: train (or resume, or skip) and evaluate one run
-    local method=$1 labelnum=$2 seed=$3 script=${SCRIPT[$1]:-}
+run_one() {  # run_one METHOD LABELNUM SEED DRAW: train (or resume, or skip) and evaluate one run; DRAW is the
+    # --label_seed of its labelled cases, or "first" for the first LABELNUM of the list
+    local method=$1 labelnum=$2 seed=$3 draw=$4 script=${SCRIPT[$1]:-}
     if [ -z "$script" ]; then
         echo "!! unknown method '$method' (known: ${!SCRIPT[*]})"; failed+=("$method"); return
     fi
-    local exp="${PROTOCOL}_seed${seed}/${EXP[$method]}"
+    local exp="${PROTOCOL}_seed${seed}/${EXP[$method]}" what="$method, $labelnum labels, seed $seed"
+    local tag
+    tag=$(job_name "$method $labelnum $seed $draw")
+    tag=${tag// //}
+    if [ "$draw" != first ]; then
+        exp="${PROTOCOL}_draw${draw}_seed${seed}/${EXP[$method]}"
+        what+=", labelled draw $draw"
+    fi
     local run="$OUTPUT_ROOT/${exp}_${labelnum}/${MODEL[$method]}"
     local schedule
     schedule=$(schedule_args "$method")
@@ -228,6 +257,10 @@ run_one() {  # run_one METHOD LABELNUM SEED: train (or resume, or skip) and eval
     [ "$QUICK" = 1 ] && iterations=$QUICK_ITERATIONS
     # shellcheck disable=SC2206
     local args=(--exp "$exp" --labelnum "$labelnum" --seed "$seed" $schedule "${COMMON[@]}")
+    [ "$draw" != first ] && args+=(--label_seed "$draw")
+    if [ "$VAL_NUM" != 0 ]; then  # validated every VAL_INTERVAL iterations, by default a tenth of the run
+        args+=(--val_num "$VAL_NUM" --val_interval "${VAL_INTERVAL:-$(( iterations >= 10 ? iterations / 10 : 1 ))}")
+    fi
     if [ "$QUICK" = 1 ]; then  # the labelled-only runs: 2 labelled crops; the others QUICK_SEMI_BATCH
         local labelled unlabelled
         read -r labelled unlabelled <<< "$QUICK_SEMI_BATCH"
@@ -243,27 +276,32 @@ run_one() {  # run_one METHOD LABELNUM SEED: train (or resume, or skip) and eval
     args+=($EXTRA_ARGS)  # last, so that the caller's flags win
     if [ -f "$run/iter_${iterations}.pth" ]; then
         if ! step "$PYTHON" code/utils/same_settings.py "$run" "code/$script" "${args[@]}"; then
-            echo "!! $method, $labelnum labels, seed $seed: the finished run in $run was trained with other"
+            echo "!! $what: the finished run in $run was trained with other"
             echo "   settings (above); move it away to train it again, or call reproduce.sh with its settings"
-            failed+=("$method/$labelnum/$seed"); return
+            failed+=("$tag"); return
         fi
-        echo "== $method, $labelnum labels, seed $seed: trained already ($run)"
+        echo "== $what: trained already ($run)"
     else
         # a run folder that exists is continued: from its latest.pth, or from the start when it was stopped
         # before writing one (the script checks that its settings are the same)
         [ -d "$run" ] && args+=(--resume)
-        echo "== $method, $labelnum labels, seed $seed: training -> $run"
+        echo "== $what: training -> $run"
         if ! step "$PYTHON" "code/$script" "${args[@]}"; then
-            echo "!! $method, $labelnum labels, seed $seed: training failed"
-            failed+=("$method/$labelnum/$seed"); return
+            echo "!! $what: training failed"
+            failed+=("$tag"); return
         fi
     fi
     local done_in
     if done_in=$(evaluated "$run" "$iterations"); then
         echo "== evaluated already: $done_in"
     elif ! step "$PYTHON" code/test_3D.py --run "$run" --device "$DEVICE"; then
-        echo "!! $method, $labelnum labels, seed $seed: evaluation failed"
-        failed+=("$method/$labelnum/$seed")
+        echo "!! $what: evaluation failed"
+        failed+=("$tag")
+    fi
+    if [ -f "$run/best_val.pth" ] && ! evaluated_checkpoint "$run" best_val >/dev/null \
+            && ! step "$PYTHON" code/test_3D.py --run "$run" --device "$DEVICE" --checkpoint best_val.pth; then
+        echo "!! $what: evaluation of best_val.pth failed"
+        failed+=("$tag")
     fi
 }
 
@@ -271,7 +309,8 @@ reap_one() {  # reap_one: wait for one job subshell to end; report it, record a 
     local pid="" status=0
     wait -n -p pid "${!running[@]}" || status=$?
     [ -n "${pid:-}" ] || return 0  # a signal interrupted the wait (pid unset); the caller waits again
-    local job=${running[$pid]} slot
+    local job=${running[$pid]} slot name
+    name=$(job_name "${running[$pid]}")
     unset "running[$pid]"
     for slot in "${!slot_pid[@]}"; do
         [ "${slot_pid[$slot]}" = "$pid" ] && unset "slot_pid[$slot]"
@@ -279,17 +318,23 @@ reap_one() {  # reap_one: wait for one job subshell to end; report it, record a 
     if [ "$status" = 130 ] || [ "$status" = 143 ]; then
         [ "$stop_status" != 0 ] || stop_status=$status
     elif [ "$status" != 0 ]; then
-        failed+=("${job// //}")
-        echo "!! $job: failed (log: $(job_log "$job"))"
+        failed+=("${name// //}")
+        echo "!! $name: failed (log: $(job_log "$job"))"
     else
-        echo "== $job: done"
+        echo "== $name: done"
     fi
 }
 
-job_log() {  # job_log "METHOD LABELNUM SEED": the file that holds a parallel job's console output
-    local method labelnum seed
-    read -r method labelnum seed <<< "$1"
-    echo "$OUTPUT_ROOT/logs/${method}_${labelnum}_seed${seed}.log"
+job_name() {  # job_name "METHOD LABELNUM SEED DRAW": how messages name a job ("mt 8 1337", "mt 8 1337 draw3")
+    local method labelnum seed draw
+    read -r method labelnum seed draw <<< "$1"
+    echo "$method $labelnum $seed$([ "$draw" != first ] && echo " draw$draw")"
+}
+
+job_log() {  # job_log "METHOD LABELNUM SEED DRAW": the file that holds a parallel job's console output
+    local method labelnum seed draw
+    read -r method labelnum seed draw <<< "$1"
+    echo "$OUTPUT_ROOT/logs/${method}_${labelnum}_seed${seed}$([ "$draw" != first ] && echo "_draw$draw").log"
 }
 
 run_parallel() {  # run_parallel: every job, JOBS at a time, each in a subshell with its own log and GPU slot
@@ -305,14 +350,14 @@ run_parallel() {  # run_parallel: every job, JOBS at a time, each in a subshell 
             [ -z "${slot_pid[$slot]:-}" ] && break
         done
         index=$((index + 1))
-        read -r method labelnum seed <<< "$job"
+        read -r method labelnum seed draw <<< "$job"
         (
             running=()
             trap 'on_signal 130' INT
             trap 'on_signal 143' TERM
             [ ${#gpus[@]} -gt 0 ] && export CUDA_VISIBLE_DEVICES=${gpus[$((slot % ${#gpus[@]}))]}
             failed=()
-            run_one "$method" "$labelnum" "$seed"
+            run_one "$method" "$labelnum" "$seed" "$draw"
             [ ${#failed[@]} = 0 ]
         ) > "$(job_log "$job")" 2>&1 &
         pid=$!
@@ -320,7 +365,7 @@ run_parallel() {  # run_parallel: every job, JOBS at a time, each in a subshell 
         slot_pid[$slot]=$pid
         local where=""
         [ ${#gpus[@]} -gt 0 ] && where=" on GPU ${gpus[$((slot % ${#gpus[@]}))]}"
-        echo "== [$index/${#job_list[@]}] $job: started$where (log: $(job_log "$job"))"
+        echo "== [$index/${#job_list[@]}] $(job_name "$job"): started$where (log: $(job_log "$job"))"
     done
     while [ ${#running[@]} -gt 0 ]; do
         reap_one
@@ -340,13 +385,13 @@ time_left() {  # time_left TRAINED SECONDS REMAINING: an estimate from the runs 
 }
 
 run_sequential() {  # run_sequential: every job in order, with a counter and an estimate of the time left
-    local job method labelnum seed index=0 trained=0 spent=0 began elapsed
+    local job method labelnum seed draw index=0 trained=0 spent=0 began elapsed
     for job in "${job_list[@]}"; do
         index=$((index + 1))
-        read -r method labelnum seed <<< "$job"
+        read -r method labelnum seed draw <<< "$job"
         echo "== [$index/${#job_list[@]}] $(time_left "$trained" "$spent" $(( ${#job_list[@]} - index + 1 )))"
         began=$(date +%s)
-        run_one "$method" "$labelnum" "$seed"
+        run_one "$method" "$labelnum" "$seed" "$draw"
         elapsed=$(( $(date +%s) - began ))
         if [ "$elapsed" -ge 60 ]; then  # a skipped run takes seconds: only trained runs make the estimate
             trained=$((trained + 1))
@@ -355,23 +400,26 @@ run_sequential() {  # run_sequential: every job in order, with a counter and an 
     done
 }
 
-all_labels=$(count_cases "$DATA_ROOT/train.list")
-job_list=()  # "method labelnum seed", in the order a sequential call runs them
+all_labels=$(( $(count_cases "$DATA_ROOT/train.list") - VAL_NUM ))  # the upper bound: every case not held out
+job_list=()  # "method labelnum seed draw", in the order a sequential call runs them
 for seed in $SEEDS; do
-    for labelnum in $LABELNUMS; do
-        for method in $METHODS; do
-            job_list+=("$method $labelnum $seed")
+    for draw in ${LABEL_SEEDS:-first}; do
+        for labelnum in $LABELNUMS; do
+            for method in $METHODS; do
+                job_list+=("$method $labelnum $seed $draw")
+            done
         done
     done
     if [ "$UPPER_BOUND" = 1 ] && [[ " $METHODS " == *" supervised "* ]]; then
-        job_list+=("supervised $all_labels $seed")
+        job_list+=("supervised $all_labels $seed first")  # every case is labelled: no draw to make
     fi
 done
 
 if [ "$PRINT_JOBS" = 1 ]; then  # one self-contained command per run, nothing trained here
     for job in "${job_list[@]}"; do
-        read -r method labelnum seed <<< "$job"
-        printf '%q ' env "${PASSED[@]}" "METHODS=$method" "LABELNUMS=$labelnum" "SEEDS=$seed" UPPER_BOUND=0 \
+        read -r method labelnum seed draw <<< "$job"
+        printf '%q ' env "${PASSED[@]}" "METHODS=$method" "LABELNUMS=$labelnum" "SEEDS=$seed" \
+            "LABEL_SEEDS=$([ "$draw" != first ] && echo "$draw")" UPPER_BOUND=0 \
             SUMMARY=0 bash "$PWD/reproduce.sh"
         echo
     done

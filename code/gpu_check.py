@@ -10,9 +10,11 @@ Steps, in this order (``--steps`` chooses), each within what is left of ``--budg
 1. ``tests``: the CUDA variants of the tests that train and evaluate (``pytest tests -k cuda``);
 2. ``step``: seconds per iteration of every method at its paper's patch and batch, without and with ``--amp``
    (bf16 autocast, CUDA only), from the log lines of a short run (``--iterations``; the first ``--warmup`` are
-   left out);
-3. ``loader``: batches per second of each method's own data loader (the script's own data set-up, its
-   workers), beside its step: a loader slower than the step starves the GPU;
+   left out); then the labelled-only V-Net with the other step flags (:data:`FLAG_VARIANTS`: channels-last,
+   torch.compile), which decide the defaults a GPU user should pass;
+3. ``loader``: seconds per batch of each method's own data loader (the script's own data set-up) with one worker
+   and with the workers ``--num_workers auto`` gives, beside its step: a loader slower than the step starves the
+   GPU, and one worker's time over the step's is how many workers the method needs on this device;
 4. ``protocol``: the labelled-only V-Net's LA-8 full protocol (6000 iterations) with its evaluation, then
    UA-MT's if time is left. A run the budget stops gets SIGTERM, saves, and continues from there the next
    time this command runs (its runs live in ``--output_root``).
@@ -27,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import datetime as dt  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import shlex  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
@@ -54,6 +57,8 @@ TINY_FLAGS = ["--patch_size", "32", "32", "16", "--batch_size", "2", "--stride_x
 TINY_METHOD_FLAGS = {"supervised": [], "ucseg": ["--labeled_bs", "1", "--mix_start", "1"],
                      "uamt": ["--labeled_bs", "1", "--mc_samples", "2"],
                      "ugmcl": ["--labeled_bs", "1", "--mc_samples", "2"]}
+# the step flags timed on the labelled-only V-Net besides plain and --amp (CUDA only: --compile is refused on the CPU)
+FLAG_VARIANTS = (("--channels_last",), ("--amp", "--channels_last"), ("--amp", "--compile"))
 TINY_PROTOCOL_ITERATIONS = 4
 TINY_LABELNUM = 4
 STOP_GRACE_SECONDS = 120  # what a stopped run gets to finish its iteration and save
@@ -139,24 +144,34 @@ def script_flags(args, method):
     return flags
 
 
-def time_step(args, method, amp, budget, work):
-    """Median seconds per iteration of a short run of ``method``'s script, or the reason it has none. The run
-    goes to a scratch folder of the check, emptied first."""
-    name = f"{method}{'_amp' if amp else ''}"
+def step_variants(device, methods):
+    """``(method, flags)`` of every timed run: each method plain and, on CUDA, with ``--amp``; then, on CUDA, the
+    labelled-only V-Net with each of :data:`FLAG_VARIANTS`."""
+    flag_sets = [()] + ([("--amp",)] if device.type == "cuda" else [])
+    variants = [(method, flags) for method in methods for flags in flag_sets]
+    if device.type == "cuda" and "supervised" in methods:
+        variants += [("supervised", flags) for flags in FLAG_VARIANTS]
+    return variants
+
+
+def time_step(args, method, flags, budget, work):
+    """Median seconds per iteration of a short run of ``method``'s script with ``flags``, or the reason it has
+    none. The run goes to a scratch folder of the check, emptied first."""
+    name = "_".join([method, *(flag[2:] for flag in flags)])
     scratch = work / "step" / name
     shutil.rmtree(scratch, ignore_errors=True)
     command = [sys.executable, str(REPO_ROOT / "code" / f"{SCRIPTS[method]}.py"), *script_flags(args, method),
                "--output_root", str(scratch), "--exp", "gpu_check/run", "--max_iterations", str(args.iterations),
-               "--no_eval"] + (["--amp"] if amp else [])
+               "--no_eval", *flags]
     status, stopped = run_within(command, budget, work / f"step_{name}.txt")
     if status != 0:
-        return {"method": method, "amp": amp, "error": "stopped by the budget" if stopped else
+        return {"method": method, "flags": list(flags), "error": "stopped by the budget" if stopped else
                 tail(work / f"step_{name}.txt")}
     log = next(scratch.glob("gpu_check/run_*/*/log.txt"))
     seconds = iteration_seconds(log_times(log), args.warmup)
     config = json.loads((log.parent / "config.json").read_text(encoding="utf-8"))["args"]
-    return {"method": method, "amp": amp, "seconds": statistics.median(seconds), "patch": config["patch_size"],
-            "batch_size": config["batch_size"]}
+    return {"method": method, "flags": list(flags), "seconds": statistics.median(seconds),
+            "patch": config["patch_size"], "batch_size": config["batch_size"]}
 
 
 class _Captured(Exception):
@@ -184,8 +199,8 @@ def script_training_data(method, argv):
 
 
 def time_loader(args, method, budget):
-    """Batches per second of ``method``'s data loader with its own workers (the first batch, which starts the
-    workers, not timed)."""
+    """Seconds per batch of ``method``'s data loader with one worker and with the workers of ``--num_workers
+    auto`` (in each, the first batch, which starts the workers, is not timed)."""
     if budget.left() <= 0:
         return {"method": method, "error": "no budget left"}
     argv = script_flags(args, method) + ["--output_root", str(output_path(args.output_root) / "loader"), "--no_eval"]
@@ -193,8 +208,16 @@ def time_loader(args, method, budget):
         train_set, sampler, run_args = script_training_data(method, argv)
     except UserError as error:
         return {"method": method, "error": f"error: {error}"}
+    one = seconds_per_batch(train_set, sampler, run_args, 1, args)
+    return {"method": method, "one_worker": one, "workers": run_args.num_workers,
+            "seconds": one if run_args.num_workers == 1 else
+            seconds_per_batch(train_set, sampler, run_args, run_args.num_workers, args)}
+
+
+def seconds_per_batch(train_set, sampler, run_args, workers, args):
+    """Mean seconds per batch over ``--loader_batches`` batches of a loader with ``workers`` workers."""
     loader = torch.utils.data.DataLoader(train_set, batch_sampler=InfiniteBatches(sampler, run_args.seed, 0),
-                                         num_workers=run_args.num_workers, worker_init_fn=seed_worker,
+                                         num_workers=workers, worker_init_fn=seed_worker,
                                          pin_memory=select_device(args.device).type == "cuda")
     batches = iter(loader)
     next(batches)
@@ -203,7 +226,7 @@ def time_loader(args, method, budget):
         next(batches)
     seconds = (time.perf_counter() - start) / args.loader_batches
     del batches
-    return {"method": method, "workers": run_args.num_workers, "seconds": seconds}
+    return seconds
 
 
 def run_protocol(args, method, budget, work):
@@ -248,18 +271,34 @@ def device_lines(device):
 
 
 def step_lines(steps, loaders):
-    """The table of seconds per iteration (plain and --amp) with each loader's seconds per batch beside them."""
+    """The table of seconds per iteration (plain and --amp) with each loader's seconds per batch beside them, and
+    the workers each method needs to keep its fastest step fed."""
     loader = {entry["method"]: entry for entry in loaders}
-    lines = ["| method | patch, batch | s/it | s/it with --amp | loader s/batch (workers) | loader / step |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| method | patch, batch | s/it | s/it with --amp | loader s/batch, 1 worker | loader s/batch "
+             "(auto workers) | loader / step | workers needed |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for method in dict.fromkeys(entry["method"] for entry in steps + loaders):
-        plain = next((e for e in steps if e["method"] == method and not e["amp"]), {})
-        amp = next((e for e in steps if e["method"] == method and e["amp"]), {})
+        plain = next((e for e in steps if e["method"] == method and not e["flags"]), {})
+        amp = next((e for e in steps if e["method"] == method and e["flags"] == ["--amp"]), {})
         feed = loader.get(method, {})
         setting = f"{'x'.join(map(str, plain['patch']))}, {plain['batch_size']}" if "patch" in plain else "–"
+        fastest = min((e["seconds"] for e in (plain, amp) if "seconds" in e), default=None)
         ratio = f"{feed['seconds'] / plain['seconds']:.2f}" if "seconds" in feed and "seconds" in plain else "–"
+        needed = str(math.ceil(feed["one_worker"] / fastest)) if "one_worker" in feed and fastest else "–"
+        one = f"{feed['one_worker']:.3f}" if "one_worker" in feed else cell(feed)
         workers = f" ({feed['workers']})" if "workers" in feed else ""
-        lines.append(f"| {method} | {setting} | {cell(plain)} | {cell(amp)} | {cell(feed)}{workers} | {ratio} |")
+        lines.append(f"| {method} | {setting} | {cell(plain)} | {cell(amp)} | {one} | {cell(feed)}{workers} | "
+                     f"{ratio} | {needed} |")
+    return lines
+
+
+def flag_lines(steps):
+    """The table of the labelled-only V-Net's step with each flag set, against its plain step."""
+    runs = [e for e in steps if e["method"] == "supervised"]
+    plain = next((e for e in runs if not e["flags"]), {})
+    lines = ["| flags | s/it | vs plain |", "| --- | --- | --- |"]
+    for entry in runs:
+        ratio = f"{entry['seconds'] / plain['seconds']:.2f}x" if "seconds" in entry and "seconds" in plain else "–"
+        lines.append(f"| {' '.join(entry['flags']) or '(none)'} | {cell(entry)} | {ratio} |")
     return lines
 
 
@@ -296,9 +335,14 @@ def render(args, device, results):
     if results.get("step") or results.get("loader"):
         lines += ["", "## Step and loader", "",
                   f"Median seconds per iteration of {args.iterations}-iteration runs (the first {args.warmup} left "
-                  "out) at each script's defaults, and seconds per batch of its data loader; a loader/step ratio "
-                  "above 1 means the loader starves the device.", ""]
+                  "out) at each script's defaults, and seconds per batch of its data loader with one worker and with "
+                  "the workers of `--num_workers auto`; a loader/step ratio above 1 means the loader starves the "
+                  "device, and the workers needed are one worker's time over the faster step's, rounded up.", ""]
         lines += step_lines(results.get("step", []), results.get("loader", []))
+    if len([e for e in results.get("step", []) if e["method"] == "supervised"]) > 2:
+        lines += ["", "## Step flags (labelled-only V-Net)", "",
+                  "What each flag does to the step; the faster ones are what to pass on this device.", ""]
+        lines += flag_lines(results["step"])
     if results.get("protocol"):
         lines += ["", "## Full protocol", ""] + protocol_lines(results["protocol"])
     return "\n".join(lines) + "\n"
@@ -317,8 +361,8 @@ def main(argv=None):
     if "tests" in args.steps:
         results["tests"] = run_tests(args, budget, work)
     if "step" in args.steps:
-        results["step"] = [time_step(args, method, amp, budget, work) for method in args.methods
-                           for amp in ((False, True) if device.type == "cuda" else (False,))]
+        results["step"] = [time_step(args, method, flags, budget, work)
+                           for method, flags in step_variants(device, args.methods)]
     if "loader" in args.steps:
         results["loader"] = [time_loader(args, method, budget) for method in args.methods]
     if "protocol" in args.steps:

@@ -29,7 +29,7 @@ from utils.checkpoint import load_checkpoint, load_models, other_checkpoints  # 
 from utils.cli import ArgumentParser, resolve_path, run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.evaluation import (check_evaluation_dependencies, evaluate, format_summary,  # noqa: E402
-                              prepare_for_inference)
+                              prepare_for_inference, selection_record)
 from utils.run import snapshot_name  # noqa: E402
 from utils.runtime import select_device  # noqa: E402
 from utils.sliding_window import check_window  # noqa: E402
@@ -160,7 +160,8 @@ def main(argv=None):
         lambda x: module.predict(nets, x), dataset, run_dir, path.name, patch_size=patch_size, stride_xy=stride_xy,
         stride_z=stride_z, num_classes=spec.num_classes, device=device, sw_batch_size=args.sw_batch_size,
         nms=nms, spacing=args.spacing, save_nii=args.save_nii,
-        protocol_extra={"checkpoint": str(path.name), "iteration": state.get("iteration"), "split": args.split},
+        protocol_extra={"checkpoint": str(path.name), "iteration": state.get("iteration"), "split": args.split,
+                        **selection_record(state)},
         progress=bool(args.progress))
     print(f"{run_dir.name} {path.name}: {format_summary(summary)}")
     print(f"per-case metrics: {out_dir / 'metrics.csv'}")

@@ -33,7 +33,7 @@ DICE = losses.DiceLoss(2)
 
 
 def get_parser():
-    parser = training_parser(__doc__.splitlines()[0], exp=None, max_iterations=6000, batch_size=4,
+    parser = training_parser(__doc__.splitlines()[0], exp="CPS", max_iterations=6000, batch_size=4,
                              base_lr=0.01, seed=1337, labeled_bs=2, model="vnet",
                              consistency=0.1, consistency_rampup=40.0)
     parser.add_argument("--has_dropout", type=int, choices=(0, 1), default=1,
@@ -76,7 +76,6 @@ def cps_loss(logits1, logits2, label, weight, labeled_bs):
 def main(argv=None):
     args = get_parser().parse_args(argv)
     spec = get_dataset_spec(args.dataset)
-    args.exp = args.exp or f"{args.dataset}/CPS"
     finalize_args(args, spec)
     train_set, test_set, sampler = build_training_data(args, spec)
 

@@ -29,7 +29,7 @@ from utils.run import TrainingRun  # noqa: E402
 
 
 def get_parser():
-    parser = training_parser(__doc__.splitlines()[0], exp=None, max_iterations=6000, batch_size=4,
+    parser = training_parser(__doc__.splitlines()[0], exp="DTC", max_iterations=6000, batch_size=4,
                              base_lr=0.01, seed=1337, labeled_bs=2, model="vnet_sdf",
                              consistency=1.0, consistency_rampup=40.0)
     parser.set_defaults(nms=1)
@@ -76,7 +76,6 @@ def dtc_loss(logits, sdf, label, sdf_target, weight, args):
 def main(argv=None):
     args = get_parser().parse_args(argv)
     spec = get_dataset_spec(args.dataset)
-    args.exp = args.exp or f"{args.dataset}/DTC"
     finalize_args(args, spec)
     check_non_negative(args, "beta", "sdf_k", "ce_weight")
     train_set, test_set, sampler = build_training_data(args, spec, signed_distance=True)

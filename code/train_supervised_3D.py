@@ -26,7 +26,7 @@ from utils.run import TrainingRun  # noqa: E402
 
 
 def get_parser():
-    parser = training_parser(__doc__.splitlines()[0], exp=None, max_iterations=6000, batch_size=4,
+    parser = training_parser(__doc__.splitlines()[0], exp="Supervised", max_iterations=6000, batch_size=4,
                              base_lr=0.01, seed=1337, semi_supervised=False)
     parser.add_argument("--has_dropout", type=int, choices=(0, 1), default=1,
                         help="Dropout3d(0.5) after the bottleneck and last decoder block (UA-MT: 1)")
@@ -53,7 +53,6 @@ def supervised_loss(logits, label):
 def main(argv=None):
     args = get_parser().parse_args(argv)
     spec = get_dataset_spec(args.dataset)
-    args.exp = args.exp or f"{args.dataset}/Supervised"
     finalize_args(args, spec)
 
     train_set, test_set, sampler = build_training_data(args, spec, semi_supervised=False)

@@ -31,7 +31,7 @@ from utils.uncertainty import certain_mask, mc_dropout_uncertainty  # noqa: E402
 
 
 def get_parser():
-    parser = training_parser(__doc__.splitlines()[0], exp=None, max_iterations=6000, batch_size=4,
+    parser = training_parser(__doc__.splitlines()[0], exp="UAMT", max_iterations=6000, batch_size=4,
                              base_lr=0.01, seed=1337, labeled_bs=2, model="vnet",
                              consistency=0.1, consistency_rampup=40.0)
     add_mean_teacher_args(parser, ema_decay=0.99)
@@ -78,7 +78,6 @@ def uamt_loss(logits, label, teacher_logits, uncertainty, threshold, weight, lab
 def main(argv=None):
     args = get_parser().parse_args(argv)
     spec = get_dataset_spec(args.dataset)
-    args.exp = args.exp or f"{args.dataset}/UAMT"
     finalize_args(args, spec)
     check_mc_dropout(args)
     train_set, test_set, sampler = build_training_data(args, spec)

@@ -62,7 +62,7 @@ Outputs = namedtuple("Outputs", ["logits1", "logits2", "fused", "features1", "fe
 
 
 def get_parser():
-    parser = training_parser(__doc__.splitlines()[0], exp=None, max_iterations=50000, batch_size=4,
+    parser = training_parser(__doc__.splitlines()[0], exp="UCSeg", max_iterations=50000, batch_size=4,
                              base_lr=0.01, seed=42, labeled_bs=2, model=MODEL,
                              consistency=0.1, consistency_rampup=200.0)
     parser.set_defaults(patch_size=[96, 96, 96], lr_schedule="linear", weight_decay=1e-5, nms=1)
@@ -418,7 +418,6 @@ def ucseg_step(nets, image, label, iteration, args, autocast, recomputed=False):
 def main(argv=None):
     args = get_parser().parse_args(argv)
     spec = get_dataset_spec(args.dataset)
-    args.exp = args.exp or f"{args.dataset}/UCSeg"
     finalize_args(args, spec)
     check_method_args(args)
     train_set, test_set, sampler = build_training_data(args, spec)

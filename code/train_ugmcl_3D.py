@@ -45,7 +45,7 @@ INTRA_SCOPES = ("batch", "unlabeled")
 
 
 def get_parser():
-    parser = training_parser(__doc__.splitlines()[0], exp=None, max_iterations=6000, batch_size=4,
+    parser = training_parser(__doc__.splitlines()[0], exp="UGMCL", max_iterations=6000, batch_size=4,
                              base_lr=0.01, seed=1337, labeled_bs=2, model="vnet_sdf",
                              consistency=0.1, consistency_rampup=40.0)
     parser.set_defaults(nms=1)
@@ -184,7 +184,6 @@ def ugmcl_loss(outputs, label, sdf_target, teacher, threshold, weight, args):
 def main(argv=None):
     args = get_parser().parse_args(argv)
     spec = get_dataset_spec(args.dataset)
-    args.exp = args.exp or f"{args.dataset}/UGMCL"
     finalize_args(args, spec)
     check_method_args(args)
     train_set, test_set, sampler = build_training_data(args, spec, signed_distance=True)

@@ -52,7 +52,7 @@ ENTROPY_EPS = 1e-10
 
 
 def get_parser():
-    parser = training_parser(__doc__.splitlines()[0], exp=None, max_iterations=6000, batch_size=4,
+    parser = training_parser(__doc__.splitlines()[0], exp="UGPL", max_iterations=6000, batch_size=4,
                              base_lr=0.01, seed=1337, labeled_bs=2, model="resnet_vnet",
                              consistency=0.1, consistency_rampup=40.0)
     method = parser.add_argument_group("UGPL (--model is subnet A: resnet_vnet, or vnet for two V-Nets)")
@@ -287,7 +287,6 @@ def ugpl_loss(outputs, label, proto_weight, args):
 def main(argv=None):
     args = get_parser().parse_args(argv)
     spec = get_dataset_spec(args.dataset)
-    args.exp = args.exp or f"{args.dataset}/UGPL"
     finalize_args(args, spec)
     check_method_args(args, spec)
     train_set, test_set, sampler = build_training_data(args, spec, rot_flip=bool(args.rot_flip))

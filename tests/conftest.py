@@ -1,4 +1,5 @@
 """Test configuration: make ``code/`` importable the way the scripts see it."""
+import os
 import sys
 from pathlib import Path
 
@@ -8,7 +9,6 @@ if str(CODE_DIR) not in sys.path:
     sys.path.insert(0, str(CODE_DIR))
 
 import json  # noqa: E402
-import os  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
@@ -17,7 +17,17 @@ import time  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-SHARED_LA = REPO_ROOT.parent / "shared" / "data" / "LA"
+
+
+def find_real_la():
+    """The real LA data, where a user or this project keeps it: ``$LA_ROOT``, then ``data/LA`` (data/README.md),
+    then ``../shared/data/LA``; None when none holds a ``train.list``."""
+    candidates = [os.environ.get("LA_ROOT"), REPO_ROOT / "data" / "LA", REPO_ROOT.parent / "shared" / "data" / "LA"]
+    return next((Path(c) for c in candidates if c and (Path(c) / "train.list").is_file()), None)
+
+
+REAL_LA = find_real_la()
+REAL_LA_ABSENT = "real LA data not found ($LA_ROOT, data/LA, ../shared/data/LA: see data/README.md)"
 # A small training configuration: 2-iteration runs on tiny synthetic volumes.
 TINY = ["--patch_size", "32", "32", "16", "--batch_size", "2", "--stride_xy", "16", "--stride_z", "8",
         "--num_workers", "0", "--progress", "0"]

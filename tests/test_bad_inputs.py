@@ -112,7 +112,7 @@ def args(**overrides):
                 save_interval=1, save_minutes=10.0, snapshot_interval=1, sw_batch_size=1, num_workers=0,
                 base_lr=0.01, lr_step=2500, lr_gamma=0.1, momentum=0.9, weight_decay=1e-4, labeled_bs=2,
                 resume=False, overwrite=False, accept_changes=False, exp="LA/MT", model="vnet", output_root="model",
-                n_filters=16)
+                n_filters=16, label_seed=None)
     return argparse.Namespace(**{**base, **overrides})
 
 
@@ -191,6 +191,9 @@ def test_an_unreadable_test_case_stops_the_run_before_training(dataset_copy, tmp
     (["--lr_step", "0"], "--lr_step must be at least 1"),
     (["--n_filters", "0"], "--n_filters must be at least 1"),
     (["--amp"], "--amp needs a CUDA device"),
+    (["--compile"], "--compile is for CUDA devices"),
+    (["--num_workers", "-1"], "--num_workers must be >= 0"),
+    (["--num_workers", "many"], "invalid workers value: 'many'"),
     (["--lr_gamma", "-0.1"], "--lr_gamma must be >= 0"),
     (["--base_lr", "nan"], "--base_lr must be a finite number, got nan"),
     (["--base_lr", "inf"], "--base_lr must be a finite number, got inf"),
@@ -257,6 +260,18 @@ def test_missing_medpy_is_found_before_training(synthetic_root, tmp_path, monkey
     (fake / "__init__.py").write_text("raise ImportError('medpy is hidden by the test')\n")
     monkeypatch.setenv("PYTHONPATH", str(fake.parent))
     assert_one_line_error(train(synthetic_root, tmp_path), "medpy is not installed")
+    assert not (tmp_path / "model").exists()
+
+
+def test_missing_edt_is_found_before_training(synthetic_root, tmp_path, monkeypatch):
+    """The dual-task methods' signed-distance targets need ``edt``: without it, one line before training."""
+    fake = tmp_path / "fake_site" / "edt"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('edt is hidden by the test')\n")
+    monkeypatch.setenv("PYTHONPATH", str(fake.parent))
+    proc = run_script("train_dtc_3D.py", "--root_path", synthetic_root, "--output_root", tmp_path / "model",
+                      "--labelnum", "4", "--max_iterations", "1", "--labeled_bs", "1", *TINY, check=False)
+    assert_one_line_error(proc, "need the edt package")
     assert not (tmp_path / "model").exists()
 
 

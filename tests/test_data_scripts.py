@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from conftest import REAL_LA, REAL_LA_ABSENT
 from dataloaders.h5io import read_case, write_case
 from dataloaders.la_heart import CASE_DIR, CASE_FILE, case_path, read_list, write_list
 from dataloaders.resample import main as resample_main
@@ -22,7 +23,6 @@ from utils.errors import DataError, UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SYNTHETIC_SCRIPT = REPO_ROOT / "code" / "dataloaders" / "synthetic.py"
-REAL_LA = Path("/work/shared/data/LA")
 SHAPE = (64, 64, 32)
 NUM_CASES, NUM_TEST = 12, 4
 TINY = {"num_cases": 3, "num_test": 1, "shape": (32, 32, 16)}
@@ -244,8 +244,8 @@ def test_resample_keeps_constant_regions_and_binary_labels(tmp_path):
 
 
 def test_resample_real_la_cases(tmp_path):
-    if not (REAL_LA / "train.list").is_file():
-        pytest.skip(f"real LA data not found at {REAL_LA}")
+    if REAL_LA is None:
+        pytest.skip(REAL_LA_ABSENT)
     src = tmp_path / "LA"
     ids = [read_list(REAL_LA / "train.list")[0], read_list(REAL_LA / "test.list")[0]]
     for case_id, split in zip(ids, ("train.list", "test.list")):

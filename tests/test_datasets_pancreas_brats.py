@@ -391,12 +391,12 @@ def test_conversion_flag_errors_are_one_line(pancreas_raw, brats_raw, tmp_path, 
 def test_dataset_defaults_and_a_methods_own_patch(dataset, patch, strides, labelnum):
     import train_ucseg_3D
 
-    parser = training_parser("test", exp=None, max_iterations=10, batch_size=4, base_lr=0.01)
+    parser = training_parser("test", exp="Test", max_iterations=10, batch_size=4, base_lr=0.01)
     args = finalize_args(parser.parse_args(["--dataset", dataset]), get_dataset_spec(dataset))
     assert args.patch_size == patch and (args.stride_xy, args.stride_z) == strides and args.labelnum == labelnum
     assert finalize_args(parser.parse_args(["--dataset", dataset, "--labelnum", "3"]),
                          get_dataset_spec(dataset)).labelnum == 3
-    assert args.root_path == str(REPO_ROOT / "data" / dataset)
+    assert args.root_path == str(REPO_ROOT / "data" / dataset) and args.exp == f"{dataset}/Test"
     ucseg = finalize_args(train_ucseg_3D.get_parser().parse_args(["--dataset", dataset]), get_dataset_spec(dataset))
     assert ucseg.patch_size == [96, 96, 96] and (ucseg.stride_xy, ucseg.stride_z) == strides
     given = finalize_args(parser.parse_args(["--dataset", dataset, "--patch_size", "32", "32", "64",
@@ -469,6 +469,6 @@ def test_val_interval_needs_a_validation_list(pancreas_root, brats_root, tmp_pat
             *TRAIN_ARGS, "--val_interval", "5"]
     assert "val.txt not found" in one_line_error(capsys, train_supervised_3D.main, argv)
     with pytest.raises(UserError, match="--val_interval must be >= 0"):
-        finalize_args(training_parser("test", exp=None, max_iterations=1, batch_size=4, base_lr=0.01).parse_args(
+        finalize_args(training_parser("test", exp="Test", max_iterations=1, batch_size=4, base_lr=0.01).parse_args(
             ["--val_interval", "-1"]), get_dataset_spec("LA"))
     assert not (tmp_path / "model").exists()

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from conftest import (CUDA_ABSENT, REPO_ROOT, SHARED_LA, TINY, assert_same_models, kill_after_first_save, load_saved,
-                      read_summary, run_script)
+from conftest import (CUDA_ABSENT, REAL_LA, REAL_LA_ABSENT, REPO_ROOT, TINY, assert_same_models,
+                      kill_after_first_save, load_saved, read_summary, run_script)
 from dataloaders.la_heart import read_list
 
 TRAIN = "train_supervised_3D.py"
@@ -20,9 +20,10 @@ def run_dir(output_root, labelnum, exp="LA/Supervised"):
 def test_train_then_test_3d_reproduces_the_evaluation(synthetic_root, tmp_path, cwd_name, device):
     cwd = REPO_ROOT if cwd_name == "repo_root" else tmp_path
     out = tmp_path / "model"
-    run_script(TRAIN, "--root_path", synthetic_root, "--output_root", out, "--labelnum", "4",
-               "--max_iterations", "2", *TINY, cwd=cwd, device=device)
+    trained = run_script(TRAIN, "--root_path", synthetic_root, "--output_root", out, "--labelnum", "4",
+                         "--max_iterations", "2", *TINY, cwd=cwd, device=device)
     run = run_dir(out, 4)
+    assert "Namespace(" not in trained.stdout + trained.stderr  # the settings go to log.txt, not the console
     assert {"config.json", "log.txt", "latest.pth", "iter_2.pth", "eval_iter_2", "log"} <= {
         p.name for p in run.iterdir()}
     config = json.loads((run / "config.json").read_text())
@@ -30,7 +31,7 @@ def test_train_then_test_3d_reproduces_the_evaluation(synthetic_root, tmp_path, 
     assert config["device"].startswith(device)
     assert {"torch", "numpy"} <= set(config["versions"]) and "commit" in config["git"]
     log = (run / "log.txt").read_text()
-    assert "iteration 2 : loss : " in log and "loss_ce: " in log and "test (eval_iter_2)" in log
+    assert "iteration 2 : loss : " in log and "loss_ce: " in log and "test (eval_iter_2)" in log and "Namespace(" in log
 
     proc = run_script("test_3D.py", "--run", run, "--progress", "0", cwd=cwd, device=device)
     assert "Dice" in proc.stdout
@@ -100,31 +101,48 @@ SCRIPT_FLAGS = {"train_supervised_3D.py": [], "train_mt_3D.py": ["--labeled_bs",
                 "train_ugpl_3D.py": ["--labeled_bs", "1"]}
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_ABSENT)
+STEP_FLAGS = {"cpu": ["--channels_last"], "cuda": ["--channels_last", "--amp"]}
+
+
 @pytest.mark.parametrize("script", sorted(SCRIPT_FLAGS))
-def test_amp_trains_and_evaluates_on_cuda(script, synthetic_root, tmp_path):
-    """``--amp`` (bf16 autocast, CUDA only): every method trains (a non-finite loss would stop it) and is
-    evaluated."""
+def test_step_flags_train_and_evaluate(script, synthetic_root, tmp_path, device):
+    """The step flags (``--channels_last`` anywhere, ``--amp``, bf16 autocast, on CUDA): every method trains (a
+    non-finite loss would stop it), saves its weights and is evaluated."""
+    check_step_flags(script, STEP_FLAGS[device], synthetic_root, tmp_path, device)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_ABSENT)
+def test_compile_trains_and_evaluates_on_cuda(synthetic_root, tmp_path):
+    """``--compile`` (CUDA only; compiling takes a minute, so only the labelled-only V-Net here): the weights keep
+    their usual keys."""
+    check_step_flags(TRAIN, ["--compile", "--amp"], synthetic_root, tmp_path, "cuda")
+
+
+def check_step_flags(script, flags, synthetic_root, tmp_path, device):
+    """Train ``script`` for 2 iterations with ``flags`` and evaluate it; the flags are recorded, the weights keep
+    their usual keys (``nn.Module.compile`` adds no ``_orig_mod.``) and the evaluation is finite."""
     out = tmp_path / "model"
     run_script(script, "--root_path", synthetic_root, "--output_root", out, "--labelnum", "4", "--max_iterations", "2",
-               "--amp", *SCRIPT_FLAGS[script], *TINY, device="cuda")
+               *flags, *SCRIPT_FLAGS[script], *TINY, device=device)
     run = next(out.glob("LA/*/*/config.json")).parent
     config = json.loads((run / "config.json").read_text())
-    assert config["args"]["amp"] is True and config["device"].startswith("cuda")
-    log = (run / "log.txt").read_text()
-    assert "iteration 2 : loss : " in log
+    assert all(config["args"][flag[2:]] is True for flag in flags)
+    assert config["device"].startswith(device)
+    assert "iteration 2 : loss : " in (run / "log.txt").read_text()
+    assert not any("_orig_mod" in key for weights in load_saved(run / "iter_2.pth")["models"].values()
+                   for key in weights)
     summary = read_summary(next(run.glob("eval_iter_2*")))
     assert summary["num_cases"] == 2 and math.isfinite(summary["dice"]["mean"])
 
 
-@pytest.mark.skipif(not SHARED_LA.is_dir(), reason="real LA data not present at ../shared/data/LA")
+@pytest.mark.skipif(REAL_LA is None, reason=REAL_LA_ABSENT)
 def test_real_la_small_patch(tmp_path):
     out = tmp_path / "model"
-    run_script(TRAIN, "--root_path", SHARED_LA, "--output_root", out, "--labelnum", "4", "--max_iterations", "2",
+    run_script(TRAIN, "--root_path", REAL_LA, "--output_root", out, "--labelnum", "4", "--max_iterations", "2",
                "--patch_size", "64", "64", "32", "--batch_size", "2", "--num_workers", "0", "--progress", "0",
                "--no_eval", cwd=tmp_path)
     run = run_dir(out, 4)
-    cases = read_list(SHARED_LA / "test.list")[:2]
+    cases = read_list(REAL_LA / "test.list")[:2]
     run_script("test_3D.py", "--run", run, "--cases", *cases, "--stride_xy", "64", "--stride_z", "32",
                "--progress", "0", cwd=tmp_path)
     summary = read_summary(run / "eval_iter_2")

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
+from conftest import REAL_LA, REAL_LA_ABSENT
 from utils import losses
 
 SMOOTH = 1e-5
@@ -227,6 +229,49 @@ def _inner_boundary_by_neighbours(mask):
             neighbour[tuple(edge)] = True
             has_background_neighbour |= ~neighbour
     return mask & has_background_neighbour
+
+
+def _scipy_sdf(foreground):
+    """:func:`losses.compute_sdf` of one item written with scipy's distance transform, the one it replaced."""
+    posdis = ndimage.distance_transform_edt(foreground)
+    negdis = ndimage.distance_transform_edt(~foreground)
+    sdf = (negdis - negdis.min()) / (negdis.max() - negdis.min()) \
+        - (posdis - posdis.min()) / (posdis.max() - posdis.min())
+    sdf[losses._inner_boundary(foreground)] = 0.0
+    return sdf
+
+
+def _random_blobs(shape, seed):
+    """A smoothed random field thresholded into irregular blobs touching the borders, both classes present."""
+    field = ndimage.gaussian_filter(np.random.default_rng(seed).standard_normal(shape), sigma=3)
+    return field > np.quantile(field, 0.7)
+
+
+@pytest.mark.parametrize("shape", [(48, 40, 24), (33, 17, 9), (112, 112, 80)])
+def test_distance_transform_equals_scipys(shape):
+    for seed in range(3):
+        mask = _random_blobs(shape, seed)
+        for side in (mask, ~mask):
+            fast = losses.distance_to_background(side)
+            assert fast.shape == side.shape
+            np.testing.assert_allclose(fast, ndimage.distance_transform_edt(side), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(losses.compute_sdf(mask[None], (1,) + shape)[0], _scipy_sdf(mask), rtol=0,
+                                   atol=1e-5)
+
+
+@pytest.mark.skipif(REAL_LA is None, reason=REAL_LA_ABSENT)
+def test_sdf_of_real_la_crops_equals_scipys():
+    """Crops of the real labels, where the training takes them: 112x112x80 around the atrium."""
+    from dataloaders.h5io import read_case
+    from dataloaders.la_heart import case_path, read_list
+
+    for case in read_list(REAL_LA / "train.list")[:3]:
+        label = read_case(case_path(REAL_LA, case))[1] != 0
+        centre = np.argwhere(label).mean(axis=0).astype(int)
+        start = [int(np.clip(c - p // 2, 0, s - p)) for c, p, s in zip(centre, (112, 112, 80), label.shape)]
+        crop = label[start[0]:start[0] + 112, start[1]:start[1] + 112, start[2]:start[2] + 80]
+        np.testing.assert_allclose(losses.compute_sdf(crop[None], (1,) + crop.shape)[0], _scipy_sdf(crop), rtol=0,
+                                   atol=1e-5)
 
 
 def test_compute_sdf_1d_by_hand():

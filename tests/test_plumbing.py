@@ -10,7 +10,8 @@ from utils.checkpoint import load_checkpoint, load_models, save_checkpoint
 from utils.ema import make_teacher, update_ema
 from utils.errors import UserError
 from utils.lr_schedule import lr_at
-from utils.runtime import capture_rng_state, restore_rng_state
+from utils.runtime import (MAX_AUTO_WORKERS, auto_num_workers, capture_rng_state, prepare_for_training,
+                           quiet_determinism_warnings, restore_rng_state, to_step_layout)
 from utils.sliding_window import (check_window, reference_sliding_window, sliding_window_inference,
                                   window_corners, window_starts)
 
@@ -146,3 +147,96 @@ def test_recompute_auto_is_on_for_cpu_only():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert recompute_enabled("auto", cpu) and not recompute_enabled("auto", cuda)
     assert recompute_enabled("on", cuda) and not recompute_enabled("off", cpu)
+
+
+def test_auto_workers_follow_the_machine():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert auto_num_workers(cpu, cpus=64) == 2
+    assert auto_num_workers(cuda, cpus=2) == 2
+    assert auto_num_workers(cuda, cpus=6) == 5
+    assert auto_num_workers(cuda, cpus=64) == MAX_AUTO_WORKERS
+
+
+def test_auto_workers_are_resolved_before_the_run_and_recorded():
+    import train_supervised_3D as supervised
+    from dataloaders.registry import get_dataset_spec
+    from utils.args import finalize_args
+
+    args = supervised.get_parser().parse_args(["--device", "cpu"])
+    assert args.num_workers == "auto"
+    args.exp = "LA/Supervised"
+    assert finalize_args(args, get_dataset_spec("LA")).num_workers == 2
+
+
+def test_determinism_warnings_become_one_line_on_cuda_only():
+    import warnings
+
+    message = ("upsample_trilinear3d_backward_out_cuda does not have a deterministic implementation, but you set "
+               "'torch.use_deterministic_algorithms(True, warn_only=True)'")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert quiet_determinism_warnings(torch.device("cpu"), True) is None
+        assert quiet_determinism_warnings(torch.device("cuda"), False) is None
+        warnings.warn(message)
+        assert len(caught) == 1
+        note = quiet_determinism_warnings(torch.device("cuda"), True)
+        assert note.startswith("note: --deterministic 1 on CUDA") and "\n" not in note
+        warnings.warn(message)
+        warnings.warn("another warning")
+        assert [str(w.message) for w in caught[1:]] == ["another warning"]
+
+
+def test_channels_last_step_layout_keeps_the_numbers_and_the_state_dict():
+    """``--channels_last``: the weights and the image batches change layout, labels do not; the forward pass
+    gives the same numbers up to float rounding, and the state dict keeps its keys."""
+    torch.manual_seed(0)
+    net = VNet(n_channels=1, n_classes=2, n_filters=4, normalization="batchnorm").eval()
+    x = torch.randn(2, 1, 32, 32, 16)
+    expected = net(x)
+    keys = list(net.state_dict())
+    prepare_for_training({"model": net}, torch.device("cpu"), channels_last=True)
+    assert net.block_one.conv[0].weight.is_contiguous(memory_format=torch.channels_last_3d)
+    image, label = to_step_layout(x, True), to_step_layout(torch.zeros(2, 32, 32, 16, dtype=torch.long), True)
+    assert image.is_contiguous(memory_format=torch.channels_last_3d) and label.is_contiguous()
+    assert to_step_layout(x, False) is x
+    torch.testing.assert_close(net(image), expected, rtol=1e-4, atol=1e-5)
+    assert list(net.state_dict()) == keys
+
+
+def test_partial_evaluations_killed_before_their_lock_are_cleaned_up(tmp_path):
+    """A partial folder without a lock file was killed before it took its lock when the process named in it is
+    gone, or when it is a minute old; a fresh one of a live process may be taking its lock now, and is kept."""
+    import os
+    import subprocess
+    import time
+
+    from utils.evaluation import PARTIAL_PREFIX, remove_abandoned_partials
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead = tmp_path / f"{PARTIAL_PREFIX}{gone.pid}-abc"
+    old, live = tmp_path / f"{PARTIAL_PREFIX}{os.getpid()}-old", tmp_path / f"{PARTIAL_PREFIX}{os.getpid()}-new"
+    for folder in (dead, old, live):
+        folder.mkdir()
+    os.utime(old, (time.time() - 120, time.time() - 120))
+    remove_abandoned_partials(tmp_path)
+    assert not dead.exists() and not old.exists() and live.exists()
+
+
+@pytest.mark.parametrize("script", ["train_supervised_3D", "train_mt_3D", "train_uamt_3D", "train_dtc_3D",
+                                    "train_cps_3D", "train_ugmcl_3D", "train_ucseg_3D", "train_ugpl_3D", "test_3D",
+                                    "test_released", "gpu_check", "benchmark"])
+def test_help_shows_every_default(script):
+    """Every flag that has a default says it in --help (UC-Seg's 50000 iterations, per-dataset patches); switches
+    and flags without default (used only when given) need none."""
+    import argparse
+    import importlib
+
+    parser = importlib.import_module(script).get_parser()
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if isinstance(action, (argparse._StoreTrueAction, argparse._HelpAction)) or action.default is None:
+            continue
+        assert "default" in formatter._get_help_string(action), (script, action.option_strings)
+    ucseg_help = " ".join(importlib.import_module("train_ucseg_3D").get_parser().format_help().split())
+    assert "--max_iterations MAX_ITERATIONS default: 50000" in ucseg_help

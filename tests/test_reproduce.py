@@ -1,5 +1,6 @@
 """reproduce.sh in its synthetic quick path: every method trains and is evaluated, the table and the figures
 are written; a second call skips what exists, reports a failed run, goes on, and exits non-zero."""
+import json
 import os
 import subprocess
 
@@ -83,6 +84,9 @@ def test_jobs_run_in_parallel_and_give_the_sequential_table(quick, tmp_path):
     logs = sorted(p.name for p in (tmp_path / "runs" / "logs").iterdir())
     assert len(logs) == 9 and "ucseg_4_seed1337.log" in logs
     assert first_tables(tmp_path) == first_tables(sequential)
+    workers = {json.loads(config.read_text())["args"]["num_workers"]
+               for config in (tmp_path / "runs").glob("*/*/*/config.json")}
+    assert workers == {max(2, len(os.sched_getaffinity(0)) // 2 - 1)}
 
 
 def test_print_jobs_lists_a_command_per_run_that_runs_it_alone(quick):
@@ -102,3 +106,34 @@ def test_print_jobs_lists_a_command_per_run_that_runs_it_alone(quick):
 def test_jobs_must_be_a_positive_number(tmp_path):
     proc = reproduce(tmp_path, JOBS="0")
     assert proc.returncode == 2 and "JOBS must be a positive whole number" in proc.stderr
+
+
+def test_labelled_draws_and_validation_selection(tmp_path):
+    """LABEL_SEEDS: every method on each draw of the labelled cases (the same draw for all), compared with the
+    labelled-only run of its draw, the two spreads apart; VAL_NUM: cases held out and validated, the weights best
+    on validation evaluated beside the final ones; PRINT_JOBS names the draw of each command."""
+    proc = reproduce(tmp_path, METHODS="supervised mt", LABEL_SEEDS="1 2", VAL_NUM="2", PLOTS="0")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    runs = tmp_path / "runs"
+    configs = {path.parent.relative_to(runs).parts[0] + "/" + path.parent.parent.name:
+               json.loads(path.read_text()) for path in runs.glob("*/*/*/config.json")}
+    assert sorted(configs) == ["quickstart_synthetic_draw1_seed1337/MT_4", "quickstart_synthetic_draw1_seed1337/"
+                               "Supervised_4", "quickstart_synthetic_draw2_seed1337/MT_4",
+                               "quickstart_synthetic_draw2_seed1337/Supervised_4",
+                               "quickstart_synthetic_seed1337/Supervised_14"]
+    for draw in (1, 2):
+        supervised, mt = (configs[f"quickstart_synthetic_draw{draw}_seed1337/{exp}_4"] for exp in ("Supervised", "MT"))
+        assert supervised["labelled_cases"] == mt["labelled_cases"] and mt["args"]["label_seed"] == draw
+        assert len(mt["validation_cases"]) == 2 and not set(mt["validation_cases"]) & set(mt["training_cases"])
+    assert configs["quickstart_synthetic_draw1_seed1337/MT_4"]["labelled_cases"] != \
+        configs["quickstart_synthetic_draw2_seed1337/MT_4"]["labelled_cases"]
+    assert len(list(runs.glob("*/*/*/eval_best_val/summary.json"))) == 5
+    table = (runs / "results.md").read_text(encoding="utf-8")
+    assert "## Spread over labelled subsets" in table and "## Weights selected on validation" in table
+    paired = table.split("## Paired comparison with the labelled-only V-Net")[1]
+    compared = sorted(line.split(" | ")[1:3] for line in paired.splitlines() if line.startswith("| quickstart"))
+    assert compared == [["Mean teacher (labelled draw 1)", "4"], ["Mean teacher (labelled draw 2)", "4"],
+                        ["V-Net (all labels)", "14 vs 4"], ["V-Net (all labels)", "14 vs 4"]]
+    listed = [line for line in reproduce(tmp_path, METHODS="mt", LABEL_SEEDS="1 2", VAL_NUM="2",
+                                         PRINT_JOBS="1").stdout.splitlines() if line.startswith("env ")]
+    assert [("LABEL_SEEDS=1" in line, "LABEL_SEEDS=2" in line) for line in listed] == [(True, False), (False, True)]

@@ -31,9 +31,9 @@ def metrics_of(method, labelnum, seed):
             "asd": 3.0 + 0.1 * SEEDS.index(seed)}
 
 
-def write_eval(run_dir, name, means, nms, with_nii):
+def write_eval(run_dir, name, means, nms, with_nii, checkpoint=f"iter_{ITERATIONS}.pth", **protocol_extra):
     """An evaluation folder like utils.evaluation writes: metrics.csv (two cases whose means are ``means``),
-    summary.json, and with ``with_nii`` small NIfTI volumes of case_a."""
+    summary.json (of ``checkpoint``), and with ``with_nii`` small NIfTI volumes of case_a."""
     folder = run_dir / name
     folder.mkdir()
     per_case = {case: {k: v + (0.01 if i else -0.01) for k, v in means.items()} for i, case in enumerate(CASES)}
@@ -44,8 +44,8 @@ def write_eval(run_dir, name, means, nms, with_nii):
     summary = {key: {"mean": value, "std": 0.01, "n": len(CASES)} for key, value in means.items()}
     summary.update(num_cases=len(CASES), num_empty_pred=0, num_empty_gt=0, protocol={
         "patch_size": [32, 32, 16], "stride_xy": 16, "stride_z": 8, "nms": bool(nms), "units": "voxels",
-        "spacing": None, "seconds": 1.0, "checkpoint": f"iter_{ITERATIONS}.pth", "iteration": ITERATIONS,
-        "split": "test"})
+        "spacing": None, "seconds": 1.0, "checkpoint": checkpoint, "iteration": ITERATIONS, "split": "test",
+        **protocol_extra})
     (folder / "summary.json").write_text(json.dumps(summary))
     if with_nii:
         gt = np.zeros((16, 16, 8), np.uint8)
@@ -56,16 +56,19 @@ def write_eval(run_dir, name, means, nms, with_nii):
             nib.save(nib.Nifti1Image(volume, np.eye(4)), str(folder / f"case_a_{kind}.nii.gz"))
 
 
-def make_run(model_dir, root, method, labelnum, seed, *, tag="LA", state="evaluated"):
+def make_run(model_dir, root, method, labelnum, seed, *, tag="LA", state="evaluated", label_seed=None):
     """A run directory at reproduce.sh's place. ``state``: "evaluated" (final checkpoint, log, the evaluation
     of the run's protocol and a decoy of the other LCC setting), "unevaluated" (checkpoint and log only) or
-    "config" (config.json only: a run that failed at once)."""
+    "config" (config.json only: a run that failed at once). With ``label_seed`` the run's labelled cases are that
+    draw (``--label_seed``), which adds 2 points of Dice per unit of the seed."""
     script, exp, model, nms = method
     run_dir = model_dir / f"{tag}_seed{seed}" / f"{exp}_{labelnum}" / model
     run_dir.mkdir(parents=True)
     args = {"dataset": "LA", "root_path": str(root), "labelnum": labelnum, "patch_size": [32, 32, 16],
             "exp": f"{tag}_seed{seed}/{exp}", "model": model, "seed": seed, "max_iterations": ITERATIONS,
             "stride_xy": 16, "stride_z": 8, "nms": nms}
+    if label_seed is not None:
+        args["label_seed"] = label_seed
     (run_dir / "config.json").write_text(json.dumps({"script": script, "args": args, "command": [],
                                                      "git": {"commit": None}}))
     if state == "config":
@@ -76,10 +79,19 @@ def make_run(model_dir, root, method, labelnum, seed, *, tag="LA", state="evalua
         f"{0.01 * i:f}, lr: 0.01\n" for i in range(1, 4)) + "[00:00:04.000] iteration 3 : val_dice : 0.5\n")
     if state == "evaluated":
         means = metrics_of(exp, labelnum, seed)
+        means["dice"] += 0.02 * (label_seed or 0)
         decoy = {**means, "dice": DECOY_DICE}
         write_eval(run_dir, f"eval_iter_{ITERATIONS}" + ("_nms" if nms else ""), means, nms, with_nii=True)
         write_eval(run_dir, f"eval_iter_{ITERATIONS}" + ("" if nms else "_nms"), decoy, not nms, with_nii=False)
     return run_dir
+
+
+def data_and_model_dirs(base):
+    """``(data root with a train.list of NUM_TRAIN cases, model folder to fill)`` under ``base``."""
+    root = base / "data"
+    root.mkdir()
+    (root / "train.list").write_text("".join(f"case_{i}\n" for i in range(NUM_TRAIN)))
+    return root, base / "model"
 
 
 @pytest.fixture(scope="module")
@@ -87,11 +99,7 @@ def model_dir(tmp_path_factory):
     """Supervised and UG-MCL at 8 and 16 labels over three seeds (UG-MCL without seed 42, supervised at 16
     with seed 42 trained but not evaluated), a UG-MCL run at 4 labels that failed at once, the all-labels
     supervised run, and one supervised run on another data tag."""
-    base = tmp_path_factory.mktemp("summary")
-    root = base / "data"
-    root.mkdir()
-    (root / "train.list").write_text("".join(f"case_{i}\n" for i in range(NUM_TRAIN)))
-    model_dir = base / "model"
+    root, model_dir = data_and_model_dirs(tmp_path_factory.mktemp("summary"))
     for labelnum in (8, 16):
         for seed in SEEDS:
             failed = labelnum == 16 and seed == 42
@@ -253,6 +261,15 @@ def test_plots_write_the_expected_figures(model_dir, tmp_path):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_methods_with_equal_values_are_dodged_apart():
+    """Figure (a) shifts each method around the labelled count, within a third of the smallest gap, so that equal
+    means stay visible side by side."""
+    assert plots.dodge(1, [8, 16]) == [0.0]
+    shifts = plots.dodge(3, [4, 8, 16])
+    assert shifts == pytest.approx([-2 / 3, 0.0, 2 / 3])
+    assert plots.dodge(2, [8]) == pytest.approx([-1 / 6, 1 / 6])
+
+
 def comparison_table(text):
     """``{(method, labelled): {column: cell}}`` of the paired-comparison table."""
     lines = [line for line in text.split("## Paired comparison")[1].splitlines() if line.startswith("| ")]
@@ -280,3 +297,53 @@ def test_paired_comparison_with_the_labelled_only_v_net(table):
     assert band["pairs (seed × case)"] == "2" and band["ΔDice mean (points)"] == "+12.00"
     assert band["share of the band"] == "–"
     assert "LCC on, the labelled-only V-Net with LCC off" in table[1]  # UG-MCL's protocol differs, and says so
+
+
+@pytest.fixture(scope="module")
+def protocol_options_text(tmp_path_factory):
+    """The document for runs on two labelled draws (1 and 2) over two training seeds, supervised and UG-MCL, one
+    of them with weights selected on validation; known answers: draw 1 is 80.00 and 80.30 % (supervised), draw
+    2 two points higher, UG-MCL five points above the supervised run of its draw."""
+    root, model_dir = data_and_model_dirs(tmp_path_factory.mktemp("options"))
+    for label_seed in (1, 2):
+        for seed in SEEDS[:2]:
+            make_run(model_dir, root, SUPERVISED, 8, seed, tag=f"LA_draw{label_seed}", label_seed=label_seed)
+            make_run(model_dir, root, UGMCL, 8, seed, tag=f"LA_draw{label_seed}", label_seed=label_seed)
+    make_run(model_dir, root, SUPERVISED, 8, 1337, tag="LA_draw5")  # a tag that only looks like a draw: not one
+    selected = model_dir / "LA_draw1_seed1337" / "Supervised_8" / "vnet"
+    write_eval(selected, "eval_best_val", {**metrics_of("Supervised", 8, 1337), "dice": 0.81}, False, False,
+               checkpoint="best_val.pth", iteration=60, val_dice=0.77, selected_on="validation")
+    return summarize.render(summarize.collect(model_dir), "Options")
+
+
+def markdown_rows(text, heading):
+    """``[{column: cell}]`` of the first table under ``heading``."""
+    section = text.split(heading)[1].split("\n## ")[0]
+    lines = [line for line in section.splitlines() if line.startswith("| ")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in lines[2:]]
+
+
+def test_the_spread_over_labelled_draws_is_separated_from_the_seeds(protocol_options_text):
+    rows = {row["method"]: row for row in markdown_rows(protocol_options_text, "## Spread over labelled subsets")}
+    supervised = rows["Supervised V-Net"]
+    assert supervised["per draw: Dice (%) over training seeds"] == \
+        "draw 1: 80.15 ± 0.21 (2 seeds)<br>draw 2: 82.15 ± 0.21 (2 seeds)"
+    assert supervised["across draws: mean ± sd of the draws' means"] == "81.15 ± 1.41 (2 draws)"
+    assert supervised["within a draw: pooled sd over training seeds"] == "0.21"
+    assert supervised["larger spread"] == "the labelled draw"
+    assert set(rows) == {"Supervised V-Net", "UG-MCL"}
+
+
+def test_each_draw_is_compared_with_the_labelled_only_run_of_the_same_draw(protocol_options_text):
+    rows = markdown_rows(protocol_options_text, "## Paired comparison")
+    assert [row["method"] for row in rows] == ["UG-MCL (labelled draw 1)", "UG-MCL (labelled draw 2)"]
+    assert all(row["ΔDice mean (points)"] == "+5.00" and row["pairs (seed × case)"] == "4" for row in rows)
+
+
+def test_validation_selected_weights_are_shown_beside_the_final_ones(protocol_options_text):
+    assert "No number here was selected on the test set" in protocol_options_text
+    rows = markdown_rows(protocol_options_text, "## Weights selected on validation")
+    assert rows == [{"run": "`LA_draw1_seed1337/Supervised_8/vnet`", "seed": "1337", "Dice, final weights (%)": "80.00",
+                     "Dice, weights best on validation (%)": "81.00", "selected at iteration": "60",
+                     "validation Dice (%)": "77.00"}]

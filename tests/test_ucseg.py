@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import train_ucseg_3D as ucseg
-from conftest import SHARED_LA, TINY, assert_same_models, kill_after_first_save, load_saved, read_summary, run_script
+from conftest import (REAL_LA, REAL_LA_ABSENT, TINY, assert_same_models, kill_after_first_save, load_saved,
+                      read_summary, run_script)
 from dataloaders.la_heart import LAHeart
 from dataloaders.transforms import CenterCrop
 from networks.memory_queue import ClassMemoryQueue
@@ -348,12 +349,12 @@ def test_impossible_settings_are_refused(flags, message):
         ucseg.check_method_args(args)
 
 
-@pytest.mark.skipif(not SHARED_LA.is_dir(), reason="real LA data not present at ../shared/data/LA")
+@pytest.mark.skipif(REAL_LA is None, reason=REAL_LA_ABSENT)
 def test_finite_loss_on_real_la_crops():
     crop = (64, 64, 32)
     args = ucseg.get_parser().parse_args(["--patch_size", *map(str, crop), "--batch_size", "2",
                                           "--labeled_bs", "1"])
-    cases = LAHeart(SHARED_LA, "train", num=2, transform=CenterCrop(crop))
+    cases = LAHeart(REAL_LA, "train", num=2, transform=CenterCrop(crop))
     samples = [cases[i] for i in range(2)]
     image = torch.from_numpy(np.stack([s["image"] for s in samples])).unsqueeze(1).float()
     label = torch.from_numpy(samples[0]["label"][None]).long()

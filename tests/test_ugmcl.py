@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import train_ugmcl_3D as ugmcl
-from conftest import SHARED_LA, TINY, assert_same_models, kill_after_first_save, load_saved, read_summary, run_script
+from conftest import (REAL_LA, REAL_LA_ABSENT, TINY, assert_same_models, kill_after_first_save, load_saved,
+                      read_summary, run_script)
 from dataloaders.la_heart import LAHeart
 from dataloaders.registry import get_dataset_spec
 from dataloaders.training_data import build_training_data
@@ -199,10 +200,10 @@ def test_impossible_settings_are_one_line_errors(synthetic_root, tmp_path, flags
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "LA").exists()
 
 
-@pytest.mark.skipif(not SHARED_LA.is_dir(), reason="real LA data not present at ../shared/data/LA")
+@pytest.mark.skipif(REAL_LA is None, reason=REAL_LA_ABSENT)
 def test_finite_loss_on_real_la_crops():
     args = ugmcl.get_parser().parse_args(["--patch_size", "64", "64", "48", "--mc_samples", "2"])
-    cases = LAHeart(SHARED_LA, "train", num=4, transform=CenterCrop((64, 64, 48)))
+    cases = LAHeart(REAL_LA, "train", num=4, transform=CenterCrop((64, 64, 48)))
     samples = [cases[i] for i in range(4)]
     image = torch.from_numpy(np.stack([s["image"] for s in samples])).unsqueeze(1).float()
     label = torch.from_numpy(np.stack([s["label"] for s in samples[:2]])).long()

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import train_ugpl_3D as ugpl
-from conftest import SHARED_LA, TINY, assert_same_models, kill_after_first_save, load_saved, read_summary, run_script
+from conftest import (REAL_LA, REAL_LA_ABSENT, TINY, assert_same_models, kill_after_first_save, load_saved,
+                      read_summary, run_script)
 from dataloaders.la_heart import LAHeart
 from dataloaders.transforms import CenterCrop
 from networks.net_factory_3d import net_factory_3d
@@ -272,10 +273,10 @@ def test_impossible_method_settings_are_user_errors(synthetic_root, tmp_path, fl
     assert not (tmp_path / "LA").exists()
 
 
-@pytest.mark.skipif(not SHARED_LA.is_dir(), reason="real LA data not present at ../shared/data/LA")
+@pytest.mark.skipif(REAL_LA is None, reason=REAL_LA_ABSENT)
 def test_finite_loss_on_real_la_crops():
     args = method_args("--patch_size", "64", "64", "48", "--batch_size", "2", "--labeled_bs", "1")
-    cases = LAHeart(SHARED_LA, "train", num=2, transform=CenterCrop((64, 64, 48)))
+    cases = LAHeart(REAL_LA, "train", num=2, transform=CenterCrop((64, 64, 48)))
     samples = [cases[i] for i in range(2)]
     image = torch.from_numpy(np.stack([s["image"] for s in samples])).unsqueeze(1).float()
     label = torch.from_numpy(samples[0]["label"][None]).long()

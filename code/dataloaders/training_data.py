@@ -1,15 +1,18 @@
 """The training and test data of a script, as every LA-lineage paper sets them up.
 
 Training crops get random rotation/flip and a random crop (UA-MT, DTC, SSL4MIS; ``rot_flip=False`` keeps
-only the crop, as MCF's lineage). A supervised run sees the first ``--labelnum`` cases of ``train.list`` in
-shuffled batches; a semi-supervised run sees the whole list, and each batch holds ``--labeled_bs`` labelled
-crops first, then unlabelled ones (:class:`dataloaders.samplers.TwoStreamBatchSampler`), so
+only the crop, as MCF's lineage). A supervised run sees the first ``--labelnum`` cases of ``train.list`` (or a
+seeded draw of them, ``--label_seed``) in shuffled batches; a semi-supervised run sees the whole list but the
+``--val_num`` cases held out for validation (:func:`split_training_cases`), and each batch holds
+``--labeled_bs`` labelled crops first, then unlabelled ones (:class:`dataloaders.samplers.TwoStreamBatchSampler`), so
 ``batch[:labeled_bs]`` is the labelled part. The labels of the unlabelled cases are loaded with them (the
 dataset validates every case) but a method must only read ``label[:labeled_bs]``.
 """
 from collections import namedtuple
 from itertools import combinations
 from pathlib import Path
+
+import numpy as np
 
 from dataloaders.h5_dataset import name_cases
 from dataloaders.samplers import RandomBatchSampler, TwoStreamBatchSampler
@@ -37,24 +40,45 @@ def build_training_data(args, spec, semi_supervised=True, signed_distance=False,
     dataset_class = spec.dataset_class
     train_ids = dataset_class.list_ids(args.root_path, "train")
     check_labelnum(args, len(train_ids), semi_supervised)
-    if args.val_interval:
+    if args.val_interval and not args.val_num:
         dataset_class.list_ids(args.root_path, "val")  # a missing list fails now, before the run directory
     check_disjoint_splits(dataset_class, args.root_path)
+    labelled, unlabelled, validation = split_training_cases(train_ids, args.labelnum, args.label_seed, args.val_num)
     transforms = ([RandomRotFlip()] if rot_flip else []) + [RandomCrop(args.patch_size)]
-    transforms += [SignedDistance(train_ids[:args.labelnum])] if signed_distance else []
+    transforms += [SignedDistance(labelled)] if signed_distance else []
     transform = Compose(transforms + [ToTensor()])
-    train_set = spec.dataset_class(args.root_path, "train", num=None if semi_supervised else args.labelnum,
-                                   transform=transform, cache=bool(args.cache))
+    train_set = dataset_class(args.root_path, "train", case_ids=labelled + (unlabelled if semi_supervised else []),
+                              transform=transform, cache=bool(args.cache))
+    train_set.validation_cases = validation
     has_test_list = (Path(args.root_path) / dataset_class.SPLIT_FILES["test"]).is_file()
     test_set = dataset_class(args.root_path, "test") if has_test_list or not args.no_eval else None
-    train_set.warnings = data_warnings(train_set, train_ids[:args.labelnum], test_set)
-    labelled = range(args.labelnum)
+    train_set.warnings = data_warnings(train_set, labelled, test_set)
     if semi_supervised:
-        sampler = TwoStreamBatchSampler(labelled, range(args.labelnum, len(train_set)), args.batch_size,
+        sampler = TwoStreamBatchSampler(range(len(labelled)), range(len(labelled), len(train_set)), args.batch_size,
                                         args.batch_size - args.labeled_bs, seed=args.seed)
     else:
-        sampler = RandomBatchSampler(labelled, args.batch_size, seed=args.seed)
+        sampler = RandomBatchSampler(range(len(labelled)), args.batch_size, seed=args.seed)
     return TrainingData(train_set, test_set, sampler)
+
+
+def split_training_cases(train_ids, labelnum, label_seed=None, val_num=0):
+    """``(labelled, unlabelled, validation)``: the case ids of the training list ``train_ids`` in three pools.
+
+    ``val_num`` cases, the last of the list, are held out for validation (``--val_num``): the same ones whatever
+    the labelled count, the draw or the method. Of the others, the labelled cases are the first ``labelnum`` (the
+    papers' protocol) or, with ``label_seed`` (``--label_seed``), a draw: the first ``labelnum`` of a permutation
+    of the pool by numpy's ``default_rng(label_seed)``, kept in list order. The draw depends on nothing but the
+    seed, the pool and the count, so every method gets the same cases, and a seed's 8 cases are among its 16.
+    The unlabelled cases are the rest, in list order."""
+    pool = list(train_ids[:len(train_ids) - val_num])
+    validation = list(train_ids[len(train_ids) - val_num:])
+    if label_seed is None:
+        chosen = set(range(labelnum))
+    else:
+        chosen = set(np.random.default_rng(label_seed).permutation(len(pool))[:labelnum].tolist())
+    labelled = [case for index, case in enumerate(pool) if index in chosen]
+    unlabelled = [case for index, case in enumerate(pool) if index not in chosen]
+    return labelled, unlabelled, validation
 
 
 def check_disjoint_splits(dataset_class, root):

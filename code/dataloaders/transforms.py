@@ -9,7 +9,7 @@ global ``numpy.random`` is used, as in the anchors.
 import numpy as np
 import torch
 
-from utils.losses import compute_sdf
+from utils.losses import compute_sdf, require_edt
 
 
 def _rng(rng):
@@ -96,7 +96,7 @@ class SignedDistance:
     """Add ``'sdf'``: the normalised signed distance map of the (cropped) label, ``utils.losses.compute_sdf``.
 
     For the dual-task methods (UG-MCL, DTC). Computed here, in the data loader's workers, rather than in
-    the training loop: two distance transforms of a 112x112x80 crop take about 0.5 s of CPU, which would
+    the training loop: the map of a 112x112x80 crop takes about 0.1 s of CPU (docs/benchmarks.md), which would
     otherwise stall a GPU every iteration. Only the labelled cases need it (the methods read
     ``sdf[:labeled_bs]``, as DTC computes it for the labelled half only): with ``labelled_cases`` given, any
     other case gets a map of NaN instead, which costs nothing and poisons a loss that reads it by mistake.
@@ -104,6 +104,7 @@ class SignedDistance:
     """
 
     def __init__(self, labelled_cases=None):
+        require_edt()
         self.labelled_cases = None if labelled_cases is None else frozenset(labelled_cases)
 
     def __call__(self, sample, rng=None):

@@ -1,7 +1,7 @@
 """The V-Net of UA-MT (Yu et al. 2019), as reused by DTC, MC-Net, SS-Net, BCP and the three methods here.
 
 Structurally identical to the anchors' network, with the same module names, so that their state dicts have
-our keys (``test_3D.py`` reads only this repository's checkpoint files; their released files are not loaded):
+our keys (``test_released.py --arch vnet`` evaluates their released files; DTC's heads are renamed there):
 encoder conv blocks of 1/2/3/3/3 3x3x3 convolutions at widths n, 2n, 4n, 8n, 16n with stride-2 2x2x2
 convolutions between them; decoder blocks of 3/3/2/1 convolutions after stride-2 transposed convolutions
 with *additive* skips; a 1x1x1 output convolution; optional ``Dropout3d(0.5)`` after the bottleneck and

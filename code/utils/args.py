@@ -10,17 +10,25 @@ from pathlib import Path, PurePath
 from utils.cli import REPO_ROOT, ArgumentParser, resolve_path
 from utils.errors import UserError
 from utils.lr_schedule import SCHEDULES
+from utils.runtime import MAX_AUTO_WORKERS, auto_num_workers, select_device
 from utils.sliding_window import check_window
 
 # Flags that may differ when a run is resumed: they change where and how fast it runs or how often it saves,
 # not what it computes (a run folder may also be moved: --output_root).
 RUNTIME_FLAGS = ("resume", "overwrite", "accept_changes", "device", "num_workers", "cache", "sw_batch_size",
-                 "no_eval", "progress", "recompute", "val_interval", "save_interval", "save_minutes", "output_root")
+                 "no_eval", "progress", "recompute", "val_interval", "save_interval", "save_minutes", "output_root",
+                 "channels_last", "compile")
 
 # Settings that got a flag after runs had been made, with the value every earlier run used: a run's stored
 # arguments are completed with them (``stored_args``), so that older runs are still evaluated and resumed as
 # they were trained.
-SETTINGS_BEFORE_THEIR_FLAG = {"n_filters": 16}
+SETTINGS_BEFORE_THEIR_FLAG = {"n_filters": 16, "label_seed": None, "val_num": 0, "channels_last": False,
+                              "compile": False}
+
+
+def workers(text):
+    """``--num_workers``: ``auto`` or a whole number (checked in :func:`check_args`)."""
+    return text if text == "auto" else int(text)
 
 
 def stored_args(config):
@@ -46,26 +54,44 @@ def training_parser(description, *, exp, max_iterations, batch_size, base_lr, se
     data.add_argument("--labelnum", type=int, default=None,
                       help="number of labelled cases: the first N of the training list (default: the dataset's "
                            "10 %%: 8 for LA, 6 for Pancreas, 25 for BraTS2019)")
+    data.add_argument("--label_seed", type=int, default=None,
+                      help="draw the labelled cases at random with this seed, the same draw for every method "
+                           "(default: none, the first --labelnum of the list, as the papers)")
+    data.add_argument("--val_num", type=int, default=0,
+                      help="hold the last N cases of the training list out as a validation set: validated every "
+                           "--val_interval iterations, the best weights kept as best_val.pth and evaluated beside "
+                           "the final ones (default: 0, the papers' protocol; LA and Pancreas)")
     data.add_argument("--patch_size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
                       help="training crop, each divisible by 16 (default: the method's, else the dataset's: "
                            "112 112 80 for LA, 96 96 96 for Pancreas and BraTS2019)")
-    data.add_argument("--num_workers", type=int, default=2, help="data loader workers (default: 2)")
+    data.add_argument("--num_workers", type=workers, default="auto",
+                      help="data loader workers, or auto: 2 on the CPU; on a GPU every usable CPU but one, 2 to "
+                           f"{MAX_AUTO_WORKERS} (default: auto). The batches do not depend on it")
     data.add_argument("--cache", type=int, choices=(0, 1), default=1,
                       help="keep the training volumes in memory (default: 1; about 12 MB per LA case)")
 
     run = parser.add_argument_group("run")
-    run.add_argument("--exp", default=exp, help="experiment name; the run goes to model/{exp}_{labelnum}/{model}")
-    run.add_argument("--model", default=model, help="network name, also the last folder of the run directory")
+    run.add_argument("--exp", default=f"{{dataset}}/{exp}",
+                     help="experiment name; the run goes to <output_root>/<exp>_<labelnum>/<model> (default: "
+                          f"<dataset>/{exp}, e.g. LA/{exp})")
+    run.add_argument("--model", default=model,
+                     help="network name, also the last folder of the run directory (default: %(default)s)")
     run.add_argument("--n_filters", type=int, default=16,
                      help="width of the networks: channels of the first encoder level, doubled at each of the "
                           "next four (default: 16, every paper's; a narrower network, the same for every "
                           "method, is a cheaper protocol)")
-    run.add_argument("--output_root", default=str(REPO_ROOT / "model"), help="where run directories go")
-    run.add_argument("--seed", type=int, default=seed)
+    run.add_argument("--output_root", default=str(REPO_ROOT / "model"),
+                     help="where run directories go (default: model/ of the repository)")
+    run.add_argument("--seed", type=int, default=seed, help="training seed (default: %(default)s)")
     run.add_argument("--deterministic", type=int, choices=(0, 1), default=1,
                      help="1: deterministic algorithms and no cuDNN benchmarking (default: 1)")
     run.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     run.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    run.add_argument("--channels_last", action="store_true",
+                     help="train in the channels-last-3d memory layout (the same step up to float rounding; "
+                          "whether it is faster depends on the device: docs/benchmarks.md)")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile the networks' forward passes (CUDA only; the first iterations compile)")
     run.add_argument("--resume", action="store_true", help="continue the run in its directory from latest.pth")
     run.add_argument("--accept_changes", action="store_true",
                      help="with --resume: continue with settings that differ from the run's config.json (for "
@@ -82,11 +108,11 @@ def training_parser(description, *, exp, max_iterations, batch_size, base_lr, se
     run.add_argument("--progress", type=int, choices=(0, 1), default=1, help="show progress bars (default: 1)")
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--max_iterations", type=int, default=max_iterations)
-    optim.add_argument("--batch_size", type=int, default=batch_size)
+    optim.add_argument("--max_iterations", type=int, default=max_iterations, help="default: %(default)s")
+    optim.add_argument("--batch_size", type=int, default=batch_size, help="crops per iteration (default: %(default)s)")
     if semi_supervised:
         optim.add_argument("--labeled_bs", type=int, default=labeled_bs,
-                           help="labelled crops per batch; the rest of the batch is unlabelled")
+                           help="labelled crops per batch; the rest of the batch is unlabelled (default: %(default)s)")
     if semi_supervised:
         optim.add_argument("--consistency", type=float, default=consistency,
                            help="maximum weight of the unsupervised loss (default: %(default)s)")
@@ -96,12 +122,13 @@ def training_parser(description, *, exp, max_iterations, batch_size, base_lr, se
         optim.add_argument("--iterations_per_epoch", type=float, default=150.0,
                            help="the ramp's epoch: 150 iterations in UA-MT's LA code and its lineage; a shorter "
                                 "schedule shrinks it in proportion (default: %(default)s)")
-    optim.add_argument("--base_lr", type=float, default=base_lr)
-    optim.add_argument("--lr_schedule", choices=SCHEDULES, default="step")
-    optim.add_argument("--lr_step", type=int, default=2500, help="step schedule: iterations per decay")
-    optim.add_argument("--lr_gamma", type=float, default=0.1, help="step schedule: decay factor")
-    optim.add_argument("--momentum", type=float, default=0.9)
-    optim.add_argument("--weight_decay", type=float, default=1e-4)
+    optim.add_argument("--base_lr", type=float, default=base_lr, help="SGD learning rate (default: %(default)s)")
+    optim.add_argument("--lr_schedule", choices=SCHEDULES, default="step", help="default: %(default)s")
+    optim.add_argument("--lr_step", type=int, default=2500,
+                       help="step schedule: iterations per decay (default: %(default)s)")
+    optim.add_argument("--lr_gamma", type=float, default=0.1, help="step schedule: decay factor (default: %(default)s)")
+    optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
+    optim.add_argument("--weight_decay", type=float, default=1e-4, help="SGD weight decay (default: %(default)s)")
 
     evaluation = parser.add_argument_group("final evaluation (sliding window on the test list)")
     evaluation.add_argument("--no_eval", action="store_true", help="skip the evaluation at the end")
@@ -111,11 +138,13 @@ def training_parser(description, *, exp, max_iterations, batch_size, base_lr, se
                             help="default: the dataset's (LA 4, Pancreas 16, BraTS2019 64)")
     evaluation.add_argument("--nms", type=int, choices=(0, 1), default=0,
                             help="keep the largest connected component (default: 0)")
-    evaluation.add_argument("--sw_batch_size", type=int, default=4, help="windows per forward pass")
+    evaluation.add_argument("--sw_batch_size", type=int, default=4,
+                            help="windows per forward pass (default: %(default)s)")
     validation = parser.add_argument_group("periodic validation (sliding window on the validation list)")
     validation.add_argument("--val_interval", type=int, default=0,
-                            help="every N iterations, log the mean Dice on the dataset's validation list "
-                                 "(BraTS2019's val.txt) as val/dice; the training is unchanged (default: 0, off)")
+                            help="every N iterations, log the mean Dice on the validation set (BraTS2019's "
+                                 "val.txt, or the --val_num cases) as val/dice and keep the best weights as "
+                                 "best_val.pth; the training is unchanged (default: 0, off)")
     return parser
 
 
@@ -159,6 +188,9 @@ def finalize_args(args, dataset_spec):
     args.stride_xy = dataset_spec.stride_xy if args.stride_xy is None else args.stride_xy
     args.stride_z = dataset_spec.stride_z if args.stride_z is None else args.stride_z
     args.output_root = str(resolve_path(args.output_root))
+    args.exp = args.exp.replace("{dataset}", dataset_spec.name)
+    if args.num_workers == "auto":
+        args.num_workers = auto_num_workers(select_device(args.device))
     check_args(args)
     check_validation(args, dataset_spec)
     return args
@@ -176,8 +208,8 @@ def check_finite(args):
 def check_run_location(args):
     """``--exp`` and ``--model`` name folders inside ``--output_root``: a relative path without ``..`` and a
     plain name, so that a run never lands, or moves a folder aside, outside the output root."""
-    exp = PurePath(args.exp or "")  # None until a script fills in its default name
-    if args.exp is not None and (exp.is_absolute() or ".." in exp.parts or not exp.parts):
+    exp = PurePath(args.exp)
+    if exp.is_absolute() or ".." in exp.parts or not exp.parts:
         raise UserError(f"--exp {args.exp!r} must be a relative path inside --output_root (no '..', not absolute)")
     model = PurePath(args.model)
     if len(model.parts) != 1 or model.name in (".", "..") or model.is_absolute():
@@ -197,6 +229,8 @@ def check_args(args):
     check_window(args.patch_size, args.stride_xy, args.stride_z)
     if args.labelnum < 1:
         raise UserError(f"--labelnum must be at least 1, got {args.labelnum}")
+    if args.label_seed is not None and args.label_seed < 0:
+        raise UserError(f"--label_seed must be >= 0, got {args.label_seed}")
     for flag in ("max_iterations", "batch_size", "save_interval", "snapshot_interval", "sw_batch_size", "lr_step",
                  "n_filters"):
         if getattr(args, flag) < 1:
@@ -226,12 +260,18 @@ def check_args(args):
 
 
 def check_validation(args, dataset_spec):
-    """``--val_interval`` needs a dataset with a validation list (LA and Pancreas have none)."""
-    check_non_negative(args, "val_interval")
+    """``--val_interval`` needs a validation set: the dataset's list (BraTS2019's val.txt) or, on LA and
+    Pancreas, ``--val_num`` cases held out of the training list; ``--val_num`` needs ``--val_interval``."""
+    check_non_negative(args, "val_interval", "val_num")
     splits = dataset_spec.dataset_class.SPLIT_FILES
-    if args.val_interval and "val" not in splits:
+    if args.val_num and "val" in splits:
+        raise UserError(f"--val_num: dataset {dataset_spec.name} has its own validation list "
+                        f"({splits['val']}); use --val_interval alone")
+    if args.val_num and not args.val_interval:
+        raise UserError(f"--val_num {args.val_num} needs --val_interval N: how many iterations apart to validate")
+    if args.val_interval and "val" not in splits and not args.val_num:
         raise UserError(f"--val_interval: dataset {dataset_spec.name} has no validation list (only "
-                        f"{', '.join(splits.values())}); periodic validation is for BraTS2019")
+                        f"{', '.join(splits.values())}); hold cases of the training list out with --val_num K")
 
 
 def check_non_negative(args, *flags):
@@ -242,9 +282,13 @@ def check_non_negative(args, *flags):
 
 
 def check_labelnum(args, num_train, semi_supervised=True):
-    """``--labelnum`` must fit the training list (and leave unlabelled cases for semi-supervision)."""
-    limit = num_train - 1 if semi_supervised else num_train
+    """``--labelnum`` must fit the training list less the ``--val_num`` cases held out (and leave unlabelled
+    cases for semi-supervision)."""
+    if args.val_num >= num_train:
+        raise UserError(f"--val_num {args.val_num} holds out every case of train.list ({num_train} cases)")
+    held_out = f", less --val_num {args.val_num}" if args.val_num else ""
+    limit = num_train - args.val_num - (1 if semi_supervised else 0)
     if args.labelnum > limit:
         leftover = " and leave unlabelled cases" if semi_supervised else ""
         raise UserError(f"--labelnum {args.labelnum} is larger than train.list allows ({num_train} cases"
-                        f"{leftover}; at most {limit})")
+                        f"{held_out}{leftover}; at most {limit})")

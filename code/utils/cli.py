@@ -20,14 +20,29 @@ EXIT_USER_ERROR = 2
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """``--help`` ends every flag's text with its default, as the user gets it, unless the text already says
+    what the default is; a switch (off unless given) and a flag without default (None: not used unless given)
+    need none."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        silent = isinstance(action, (argparse._StoreTrueAction, argparse._HelpAction)) or action.default is None
+        if silent or "default" in text or action.default is argparse.SUPPRESS:
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """``argparse.ArgumentParser`` whose errors are one line (no usage dump) and exit 2.
+    """``argparse.ArgumentParser`` whose errors are one line (no usage dump) and exit 2, and whose ``--help``
+    shows every default (:class:`DefaultsHelpFormatter`).
 
     Flags must be spelled out (no abbreviations), so that a command line means the same thing when it is
     stored in ``config.json`` or printed back as the command that resumes a run."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message):

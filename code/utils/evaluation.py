@@ -18,6 +18,7 @@ import contextlib
 import csv
 import json
 import math
+import os
 import shutil
 import time
 import uuid
@@ -33,6 +34,7 @@ from utils.sliding_window import channels_last, keep_freed_memory, sliding_windo
 
 METRICS = ("dice", "jaccard", "hd95", "asd")
 PARTIAL_PREFIX = ".partial-eval-"
+LOCKLESS_AFTER_SECONDS = 60
 
 
 def check_evaluation_dependencies(save_nii=False):
@@ -57,6 +59,14 @@ def prepare_for_inference(nets, device):
             channels_last(net)
     if device.type == "cpu":
         keep_freed_memory()
+
+
+def selection_record(state):
+    """What an evaluation's summary keeps of how its checkpoint was chosen: for ``best_val.pth`` (``state`` holds
+    ``val_dice``), that validation selected it, and its validation Dice; nothing for any other checkpoint."""
+    if "val_dice" not in state:
+        return {}
+    return {"selected_on": "validation", "val_dice": float(state["val_dice"])}
 
 
 def new_eval_dir(run_dir, checkpoint_name, nms):
@@ -114,7 +124,7 @@ def evaluate(predict, dataset, run_dir, checkpoint_name, *, patch_size, stride_x
     evaluation of the run removes)."""
     run_dir = Path(run_dir)
     remove_abandoned_partials(run_dir)
-    partial = run_dir / f"{PARTIAL_PREFIX}{uuid.uuid4().hex[:12]}"
+    partial = run_dir / f"{PARTIAL_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
     partial.mkdir()
     lock = FolderLock(partial).acquire("evaluation folder")
     try:
@@ -144,10 +154,32 @@ def publish(partial, run_dir, checkpoint_name, nms):
 
 
 def remove_abandoned_partials(run_dir):
-    """Remove the partial folders of evaluations that were killed (no live process holds their lock)."""
+    """Remove the partial folders of evaluations that were killed: no live process holds their lock, or, for one
+    killed between creating its folder and taking the lock, no lock file and its creator (the pid in its name) is
+    gone or the folder is older than :data:`LOCKLESS_AFTER_SECONDS` (a live evaluation takes its lock at once)."""
     for folder in Path(run_dir).glob(f"{PARTIAL_PREFIX}*"):
-        if folder.is_dir() and is_abandoned(folder):
+        if not folder.is_dir():
+            continue
+        if (folder / LOCK_FILE).exists():
+            abandoned = is_abandoned(folder)
+        else:
+            abandoned = not creator_alive(folder) or time.time() - folder.stat().st_mtime > LOCKLESS_AFTER_SECONDS
+        if abandoned:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def creator_alive(partial):
+    """Whether the process that created the partial folder (its pid is in the name) still runs here."""
+    pid = partial.name[len(PARTIAL_PREFIX):].split("-")[0]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 @contextlib.contextmanager

@@ -48,6 +48,7 @@ TERM = re.compile(r"([A-Za-z_][\w/]*)\s*:\s*([-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|
 SLICE_QUANTILES = (0.25, 0.5, 0.75)
 GROUND_TRUTH_FILL = ListedColormap(["lime"])
 PREDICTION_FILL = ListedColormap(["red"])
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]  # one per method of figure (a), cycled
 
 
 def slug(text):
@@ -81,19 +82,30 @@ def plot_dice_vs_labelled(rows, tag, out_dir):
         return None
     fig = Figure(figsize=(6.5, 4.5), layout="constrained")
     ax = fig.add_subplot()
-    for label, series in points.items():
+    labelnums = sorted({labelnum for series in points.values() for labelnum, *_ in series})
+    for (label, series), shift, marker in zip(points.items(), dodge(len(points), labelnums), MARKERS * len(points)):
         x, mean, low, high = map(np.array, zip(*sorted(series)))
-        ax.errorbar(x, mean, yerr=[mean - low, high - mean], marker="o", capsize=3, label=label)
+        ax.errorbar(x + shift, mean, yerr=[mean - low, high - mean], marker=marker, capsize=3, label=label)
     for label, series in upper.items():
         for labelnum, mean, _, _ in series:
             ax.axhline(mean, linestyle="--", color="grey", label=f"{label} ({labelnum})")
-    ax.set_xticks(sorted({labelnum for series in points.values() for labelnum, *_ in series}))
+    ax.set_xticks(labelnums)
     ax.set_xlabel("labelled training cases")
     ax.set_ylabel("test Dice (%)")
     ax.set_title(f"{tag}: mean over seeds, bars from lowest to highest seed")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     return save(fig, out_dir / f"dice_vs_labelled_{slug(tag)}.png")
+
+
+def dodge(count, labelnums):
+    """Horizontal shifts of ``count`` methods around each labelled count, so that methods with equal values stay
+    visible side by side: spread over a third of the smallest gap between labelled counts (1 with one count)."""
+    if count < 2:
+        return [0.0] * count
+    gaps = np.diff(labelnums)
+    width = (gaps.min() if gaps.size else 1.0) / 3
+    return list(np.linspace(-width / 2, width / 2, count))
 
 
 # -- (b) training curves -------------------------------------------------------------------------------------
@@ -128,6 +140,7 @@ def plot_curves(runs, title, path):
                 ax.plot(iterations, values, linewidth=0.8, label=f"seed {seed}")
         ax.set_title(term, fontsize="small")
         ax.tick_params(labelsize="x-small")
+        ax.ticklabel_format(axis="y", useOffset=False)  # the values themselves, not "+1e-2" above the axis
         ax.grid(alpha=0.3)
     fig.axes[0].legend(fontsize="x-small")
     fig.suptitle(title)
@@ -245,7 +258,8 @@ def plot_overlay(rows, case, path, device):
             draw_slice(ax, np.asarray(base["img"])[:, :, z], np.asarray(mask)[:, :, z] > 0, gt[:, :, z],
                        GROUND_TRUTH_FILL if r == 0 else PREDICTION_FILL)
             ax.set_title(f"{title}, z={z}" if c == 0 else f"z={z}", fontsize="small")
-    fig.suptitle(f"case {case}: prediction filled red, ground truth outlined green")
+    fig.suptitle(f"case {case}: first row the ground truth (filled green); then each prediction filled red, "
+                 "with the ground truth outlined green")
     return save(fig, path)
 
 

@@ -44,14 +44,17 @@ from utils.checkpoint import load_checkpoint, load_models, save_checkpoint
 from utils.cli import REPO_ROOT, install_stop_handlers
 from utils.errors import Interrupted, UserError, signal_name
 from utils.evaluation import (check_evaluation_dependencies, eval_mode, evaluate, format_summary,
-                              prepare_for_inference, validation_dice)
+                              prepare_for_inference, selection_record, validation_dice)
 from utils.folder_lock import LOCK_FILE, FolderLock
 from utils.lr_schedule import lr_at, set_lr
-from utils.runtime import autocast, capture_rng_state, restore_rng_state, seed_everything, select_device
+from utils.runtime import (autocast, capture_rng_state, prepare_for_training, quiet_determinism_warnings,
+                           restore_rng_state, seed_everything, select_device, to_step_layout)
 
 LOG_FORMAT = "[%(asctime)s.%(msecs)03d] %(message)s"
 LOG_DATEFMT = "%H:%M:%S"
 LATEST = "latest.pth"
+BEST_VAL = "best_val.pth"  # the weights with the best validation Dice (--val_interval)
+PREFETCH_BATCHES = 4  # per loader worker (PyTorch's default is 2)
 
 
 def run_directory(args):
@@ -211,13 +214,19 @@ class TrainingRun:
         self.device = select_device(args.device)
         if args.amp and self.device.type != "cuda":
             raise UserError("--amp needs a CUDA device (bf16 autocast); drop it on the CPU")
+        if args.compile and self.device.type != "cuda":
+            raise UserError("--compile is for CUDA devices (on the CPU compiling takes minutes and is untested "
+                            "here); drop it on the CPU")
         check_evaluation_dependencies()
         self._lock = self._prepare_directory()
         self.logger = _make_logger(self.dir / "log.txt")
         self._write_config()
         seed_everything(args.seed, bool(args.deterministic))
         self.writer = _make_writer(self.dir / "log", self.logger)
-        self.logger.info(str(args))
+        self.logger.info(str(args), extra={"console": False})  # every setting, in log.txt (config.json has them too)
+        determinism_note = quiet_determinism_warnings(self.device, args.deterministic)
+        if determinism_note:
+            self.logger.info(determinism_note)
         self._bar = None
         self._validation = None
         self._stop_signal = None
@@ -352,9 +361,9 @@ class TrainingRun:
         return int(state["iteration"])
 
     def save(self, iteration, models, optimizers):
-        """Write ``latest.pth`` every ``--save_interval`` iterations, every ``--save_minutes`` minutes and when
-        a stop signal arrived, ``iter_N.pth`` every ``--snapshot_interval``, both at the last iteration; then
-        stop if a signal asked for it, else :meth:`validate` (``--val_interval``).
+        """Write ``iter_N.pth`` every ``--snapshot_interval`` iterations, :meth:`validate` (``--val_interval``),
+        then write ``latest.pth`` every ``--save_interval`` iterations, every ``--save_minutes`` minutes and when a
+        stop signal arrived (both files at the last iteration), and stop if a signal asked for it.
 
         Weights holding a NaN or an infinity are never written: the run stops with one line and the last
         checkpoint stays as it was."""
@@ -363,6 +372,7 @@ class TrainingRun:
         if last or iteration % args.snapshot_interval == 0:
             save_checkpoint(self.dir / snapshot_name(iteration), {
                 "script": self.script, "iteration": iteration, "models": self._finite_weights(iteration, models)})
+        self.validate(iteration)  # before latest.pth: a run resumed from it never skips a validation
         time_due = args.save_minutes > 0 and time.monotonic() - self._last_save_time >= 60 * args.save_minutes
         if last or iteration % args.save_interval == 0 or time_due or self._stop_signal is not None:
             self._save_latest(iteration, models, optimizers)
@@ -370,7 +380,6 @@ class TrainingRun:
             if self._saved_iteration != iteration:  # the signal came while the files above were written
                 self._save_latest(iteration, models, optimizers)
             self._stop(iteration)
-        self.validate(iteration)
 
     def _save_latest(self, iteration, models, optimizers):
         save_checkpoint(self.dir / LATEST, {
@@ -413,10 +422,27 @@ class TrainingRun:
                 lambda x: predict(models, x), dataset, patch_size=self.args.patch_size,
                 stride_xy=self.args.stride_xy, stride_z=self.args.stride_z, num_classes=dataset.num_classes,
                 device=self.device, sw_batch_size=self.args.sw_batch_size)
-        self.logger.info(f"iteration {iteration} : val_dice : {dice:f} ({len(dataset)} cases of "
-                         f"{dataset.SPLIT_FILES['val']})")
+        best = self.best_validation()
+        improved = best is None or dice > best["val_dice"]
+        if improved:
+            save_checkpoint(self.dir / BEST_VAL, {"script": self.script, "iteration": iteration, "val_dice": dice,
+                                                 "models": self._finite_weights(iteration, models)})
+        self.logger.info(f"iteration {iteration} : val_dice : {dice:f} ({dataset.description})"
+                         + (f"; the best so far, saved as {BEST_VAL}" if improved else
+                            f"; the best is {best['val_dice']:f} at iteration {best['iteration']}"))
         if self.writer is not None:
             self.writer.add_scalar("val/dice", dice, iteration)
+
+    def best_validation(self):
+        """``{'iteration', 'val_dice'}`` of the run's ``best_val.pth``, or None before the first validation. The
+        file itself is the record, so a resumed run keeps comparing with the best it had (a deterministic rerun of
+        the iterations since its last save validates to the same Dice and keeps the file as it is)."""
+        path = self.dir / BEST_VAL
+        if not path.is_file():
+            return None
+        state = load_checkpoint(path, map_location="cpu", hint=f"remove it to let the next validation write a new "
+                                                               f"{BEST_VAL}")
+        return {"iteration": int(state["iteration"]), "val_dice": float(state["val_dice"])}
 
     # -- stop signals -----------------------------------------------------------------------------------
     def _request_stop(self, signum, frame):
@@ -457,8 +483,9 @@ class TrainingRun:
         ``--val_interval`` validates (:meth:`validate`)."""
         self._record_training_cases(train_set)
         start = self.restore(models, optimizers)
+        prepare_for_training(models, self.device, self.args.channels_last, self.args.compile)
         if self.args.val_interval:
-            self._validation = (predict, models, self._validation_set(predict))
+            self._validation = (predict, models, self._validation_set(predict, train_set))
         batches = self.data_loader(train_set, InfiniteBatches(sampler, self.args.seed, start))
         if getattr(self.args, "labeled_bs", None) is None:
             cases = f"{len(train_set)} labelled cases"
@@ -471,26 +498,40 @@ class TrainingRun:
         return start, batches
 
     def _record_training_cases(self, train_set):
-        """Keep the training cases in ``config.json`` (in order: the first ``--labelnum`` are the labelled ones);
-        a resumed run whose list changed since it started stops, rather than training on other cases."""
+        """Keep the training cases in ``config.json`` (in order: the first ``--labelnum`` are the labelled ones),
+        the labelled ones and the held-out validation cases also by name, and log the labelled ones when they were
+        drawn (``--label_seed``); a resumed run whose cases changed since it started stops, rather than training
+        on other cases."""
         path = self.dir / "config.json"
         config = json.loads(path.read_text(encoding="utf-8"))
         cases = list(train_set.case_ids)
+        validation = list(getattr(train_set, "validation_cases", []))
         stored = config.get("training_cases")
-        if stored is not None and stored != cases:
+        if stored is not None and (stored != cases or config.get("validation_cases", []) != validation):
             raise UserError(f"--resume: the training list under {self.args.root_path} changed since the run started "
                             f"({len(stored)} cases then, {len(cases)} now, or another order); restore it, or start "
                             "afresh with --overwrite")
+        if self.args.label_seed is not None:
+            self.logger.info(f"labelled cases (--label_seed {self.args.label_seed}): "
+                             f"{', '.join(cases[:self.args.labelnum])}")
         if stored is None:
-            config["training_cases"] = cases
+            config.update(training_cases=cases, labelled_cases=cases[:self.args.labelnum], validation_cases=validation)
             write_json(path, config)
 
-    def _validation_set(self, predict):
-        """The dataset's validation split (``--val_interval``; ``utils.args`` has checked that it has one)."""
+    def _validation_set(self, predict, train_set):
+        """The validation set of ``--val_interval``: the ``--val_num`` cases held out of the training list, else the
+        dataset's validation list (``utils.args`` has checked that there is one)."""
         if predict is None:
             raise UserError(f"--val_interval: {self.script} does not hand its predict() to TrainingRun.begin")
         spec = get_dataset_spec(self.args.dataset)
-        return spec.dataset_class(self.args.root_path, "val", num_classes=spec.num_classes)
+        if self.args.val_num:
+            dataset = spec.dataset_class(self.args.root_path, "train", num_classes=spec.num_classes,
+                                         case_ids=train_set.validation_cases)
+            dataset.description = f"{len(dataset)} cases held out of {spec.dataset_class.SPLIT_FILES['train']}"
+        else:
+            dataset = spec.dataset_class(self.args.root_path, "val", num_classes=spec.num_classes)
+            dataset.description = f"{len(dataset)} cases of {spec.dataset_class.SPLIT_FILES['val']}"
+        return dataset
 
     def next_batch(self, batches):
         """The next batch with every tensor on the run's device; an error in a loader worker (a case file
@@ -504,8 +545,8 @@ class TrainingRun:
                 raise
             raise UserError(f"{loader_error_message(exc)} (out of memory? try fewer --num_workers, or "
                             "--num_workers 0 to see the error in the main process)") from None
-        return {key: value.to(self.device, non_blocking=True) if torch.is_tensor(value) else value
-                for key, value in batch.items()}
+        return {key: to_step_layout(value.to(self.device, non_blocking=True), self.args.channels_last)
+                if torch.is_tensor(value) else value for key, value in batch.items()}
 
     def update_lr(self, iteration, optimizers):
         """Set the learning rate of (0-based) ``iteration`` (``--lr_schedule`` and its flags) on every
@@ -517,12 +558,15 @@ class TrainingRun:
         return lr
 
     def data_loader(self, dataset, batches):
-        """An iterator over batches: ``batches`` is a ``dataloaders.samplers.InfiniteBatches``."""
+        """An iterator over batches: ``batches`` is a ``dataloaders.samplers.InfiniteBatches``. It is the one
+        iterator of the run, so its workers live as long as the run (what ``persistent_workers`` would give);
+        each keeps :data:`PREFETCH_BATCHES` batches ready, which absorbs a slow crop on a fast device."""
         generator = torch.Generator().manual_seed(self.args.seed)
+        workers = self.args.num_workers
         loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=batches, num_workers=self.args.num_workers,
+            dataset, batch_sampler=batches, num_workers=workers,
             pin_memory=self.device.type == "cuda", generator=generator,
-            worker_init_fn=seed_worker)
+            worker_init_fn=seed_worker, prefetch_factor=PREFETCH_BATCHES if workers else None)
         iterator = iter(loader)
         atexit.register(shut_down_workers, iterator)
         return iterator
@@ -567,24 +611,37 @@ class TrainingRun:
 
     # -- end of run -------------------------------------------------------------------------------------
     def finish(self, predict, models, test_dataset, num_classes):
-        """Close the logs and evaluate the final weights on the test list (unless ``--no_eval``). A signal
-        now stops the evaluation at once: the weights are saved, and ``test_3D.py`` evaluates them."""
+        """Close the logs and evaluate the final weights on the test list (unless ``--no_eval``), then the weights
+        that validation selected (``best_val.pth``, when ``--val_interval`` kept one), each into its own
+        ``eval_*`` folder. A signal now stops the evaluation at once: the weights are saved, and ``test_3D.py``
+        evaluates them."""
         install_stop_handlers()
         self._close_bar()
         self.logger.info(f"training finished at iteration {self.args.max_iterations}; weights in {self.dir}")
         summary = None
         if not self.args.no_eval:
             prepare_for_inference(models, self.device)
-            checkpoint = snapshot_name(self.args.max_iterations)
-            summary, out_dir = evaluate(
-                lambda x: predict(models, x), test_dataset, self.dir, checkpoint, patch_size=self.args.patch_size,
-                stride_xy=self.args.stride_xy, stride_z=self.args.stride_z, num_classes=num_classes,
-                device=self.device, sw_batch_size=self.args.sw_batch_size, nms=bool(self.args.nms),
-                protocol_extra={"checkpoint": checkpoint, "iteration": self.args.max_iterations, "split": "test"},
-                progress=bool(self.args.progress))
-            self.logger.info(f"test ({out_dir.name}): {format_summary(summary)}")
+            last = self.args.max_iterations
+            summary = self._evaluate(predict, models, test_dataset, num_classes, snapshot_name(last), last)
             if self.writer is not None:
                 self.writer.add_scalar("info/test_dice", summary["dice"]["mean"], self.args.max_iterations)
+            if (self.dir / BEST_VAL).is_file():
+                state = load_checkpoint(self.dir / BEST_VAL, map_location=self.device)
+                load_models(state, models, self.dir / BEST_VAL, self.script)
+                self._evaluate(predict, models, test_dataset, num_classes, BEST_VAL, int(state["iteration"]),
+                               selection_record(state))
         if self.writer is not None:
             self.writer.close()
+        return summary
+
+    def _evaluate(self, predict, models, test_dataset, num_classes, checkpoint, iteration, extra=None):
+        """Evaluate the networks as they are, the weights of ``checkpoint`` (of ``iteration``), on the test list
+        with the run's settings; log the result and return its summary."""
+        summary, out_dir = evaluate(
+            lambda x: predict(models, x), test_dataset, self.dir, checkpoint, patch_size=self.args.patch_size,
+            stride_xy=self.args.stride_xy, stride_z=self.args.stride_z, num_classes=num_classes,
+            device=self.device, sw_batch_size=self.args.sw_batch_size, nms=bool(self.args.nms),
+            protocol_extra={"checkpoint": checkpoint, "iteration": iteration, "split": "test", **(extra or {})},
+            progress=bool(self.args.progress))
+        self.logger.info(f"test ({out_dir.name}): {format_summary(summary)}")
         return summary

@@ -1,7 +1,9 @@
-"""Device selection, seeding and determinism, mixed precision, and capturing RNG state for resumption."""
+"""Device selection, seeding and determinism, mixed precision, the data loader's worker count, the step's
+layout and compilation flags, and capturing RNG state for resumption."""
 import contextlib
 import os
 import random
+import warnings
 
 import numpy as np
 import torch
@@ -42,6 +44,63 @@ def seed_everything(seed, deterministic=True):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(bool(deterministic), warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = False
+
+
+# --num_workers auto: at most this many workers on a GPU machine (docs/benchmarks.md: what each method needs)
+MAX_AUTO_WORKERS = 8
+# what PyTorch says, once per call site, for each op without a deterministic kernel when warn_only is set
+NONDETERMINISTIC_OP_WARNING = r".*does not have a deterministic implementation.*"
+
+
+def usable_cpus():
+    """The CPUs this process may run on (its affinity mask: what a scheduler gave the job)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def auto_num_workers(device, cpus=None):
+    """The data loader's workers for ``--num_workers auto``: 2 on the CPU, where the step itself needs the
+    cores and 2 keep a step fed (docs/benchmarks.md); on a GPU every usable CPU but one for the main process,
+    at most :data:`MAX_AUTO_WORKERS` and at least 2. The batches do not depend on the count (every crop has its
+    own augmentation seed), so neither do the results."""
+    if device.type != "cuda":
+        return 2
+    cpus = usable_cpus() if cpus is None else cpus
+    return max(2, min(MAX_AUTO_WORKERS, cpus - 1))
+
+
+def quiet_determinism_warnings(device, deterministic):
+    """On CUDA with ``--deterministic 1``, silence PyTorch's warning about each op that has no deterministic
+    CUDA kernel (one per op and call site, hundreds of lines in a run) and return the one line that says it
+    instead; None where nothing is silenced (the CPU's ops used here are all deterministic)."""
+    if device.type != "cuda" or not deterministic:
+        return None
+    warnings.filterwarnings("ignore", message=NONDETERMINISTIC_OP_WARNING)
+    return ("note: --deterministic 1 on CUDA: some ops used here have no deterministic CUDA kernel (5-D cross "
+            "entropy, trilinear upsampling backward, max-pool backward, gather backward) and run as they are; "
+            "a rerun matches to float rounding, not bit for bit (their warnings are not repeated)")
+
+
+def prepare_for_training(models, device, channels_last=False, compile_models=False):
+    """Apply the step flags to the networks (``{name: module}``, in place, already on ``device``):
+    ``--channels_last`` converts their 5-D weights to the channels-last-3d layout (batches follow in
+    :func:`to_step_layout`), ``--compile`` compiles their forward passes (``nn.Module.compile``: the state
+    dicts keep their keys, so checkpoints are unchanged). Both change the numbers only by float rounding."""
+    for model in models.values():
+        if channels_last:
+            model.to(memory_format=torch.channels_last_3d)
+        if compile_models:
+            model.compile()
+
+
+def to_step_layout(tensor, channels_last=False):
+    """A batch tensor in the step's layout: 5-D floating-point tensors channels-last-3d with ``--channels_last``
+    (labels and masks keep theirs)."""
+    if channels_last and tensor.dim() == 5 and tensor.is_floating_point():
+        return tensor.contiguous(memory_format=torch.channels_last_3d)
+    return tensor
 
 
 def autocast(device, enabled):

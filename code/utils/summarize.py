@@ -18,6 +18,7 @@ there, else from the repository root; ``--out`` always from the repository root.
 """
 import csv
 import json
+import math
 import re
 import statistics
 import sys
@@ -40,6 +41,7 @@ METRIC_COLUMNS = (("dice", "Dice (%)", 100), ("jaccard", "Jaccard (%)", 100), ("
                   ("asd", "ASD", 1))
 SUMMARY_KEYS = ("dice", "jaccard", "hd95", "asd", "num_cases", "protocol")
 PROTOCOL_KEYS = ("checkpoint", "patch_size", "stride_xy", "stride_z", "nms")
+BEST_VAL = "best_val.pth"  # utils.run.BEST_VAL: the weights selected on the validation cases
 
 
 @dataclass(frozen=True)
@@ -142,10 +144,16 @@ class Run:
     eval_dir: Path = None
     summary: dict = None
     problem: str = None
+    best_summary: dict = None  # the test evaluation of best_val.pth (weights selected on validation), if any
 
     @property
     def seed(self):
         return self.args["seed"]
+
+    @property
+    def label_seed(self):
+        """The draw of the labelled cases (``--label_seed``), None for the papers' first ``--labelnum``."""
+        return self.args.get("label_seed")
 
     @property
     def labelnum(self):
@@ -202,11 +210,16 @@ def find_run_dirs(model_dir):
 
 def experiment_names(args):
     """``(data tag, variant)`` from ``--exp``: ``LA_seed1337/UGMCL`` gives ``("LA", "UGMCL")`` (the run's own
-    seed suffix is dropped, so that seeds group); an ``--exp`` without a folder is tagged with ``--dataset``."""
+    seed suffix is dropped, so that seeds group), and ``LA_draw3_seed1337/UGMCL`` of a run with ``--label_seed 3``
+    gives it too (``reproduce.sh``'s names with ``LABEL_SEEDS``; the draw is a column of its own); an ``--exp``
+    without a folder is tagged with ``--dataset``."""
     head, _, tail = args["exp"].rpartition("/")
     if not head:
         return args["dataset"], tail
-    return re.sub(rf"_seed{args['seed']}$", "", head), tail
+    tag = re.sub(rf"_seed{args['seed']}$", "", head)
+    if args.get("label_seed") is not None:
+        tag = re.sub(rf"_draw{args['label_seed']}$", "", tag)
+    return tag, tail
 
 
 def read_run(run_dir, model_dir):
@@ -220,6 +233,9 @@ def read_run(run_dir, model_dir):
     tag, variant = experiment_names(args)
     run = Run(run_dir, str(run_dir.relative_to(model_dir)), config["script"], args, tag, variant)
     run.eval_dir, run.summary, run.problem = choose_evaluation(run)
+    best = evaluations(run, BEST_VAL)
+    if best:
+        run.best_summary = min(best, key=lambda item: evaluation_preference(run, *item))[1]
     return run
 
 
@@ -242,12 +258,13 @@ def eval_index(folder_name, checkpoint):
     return int(match[1] or 1) if match else None
 
 
-def evaluations(run):
-    """``[(folder, summary)]`` of the test-set evaluations of the run's final checkpoint."""
+def evaluations(run, checkpoint=None):
+    """``[(folder, summary)]`` of the test-set evaluations of ``checkpoint`` (default: the run's final one)."""
+    checkpoint = checkpoint or run.final_checkpoint
     found = []
     for folder in sorted(run.path.glob("eval_*")):
-        summary = read_summary(folder) if eval_index(folder.name, run.final_checkpoint) else None
-        if summary and summary["protocol"]["checkpoint"] == run.final_checkpoint \
+        summary = read_summary(folder) if eval_index(folder.name, checkpoint) else None
+        if summary and summary["protocol"]["checkpoint"] == checkpoint \
                 and summary["protocol"].get("split", "test") == "test":
             found.append((folder, summary))
     return found
@@ -260,7 +277,7 @@ def evaluation_preference(run, folder, summary):
     return (protocol["nms"] != bool(args["nms"]),
             [protocol["patch_size"], protocol["stride_xy"], protocol["stride_z"]]
             != [args.get("patch_size"), args.get("stride_xy"), args.get("stride_z")],
-            protocol.get("units") != "voxels", -summary["num_cases"], eval_index(folder.name, run.final_checkpoint))
+            protocol.get("units") != "voxels", -summary["num_cases"], eval_index(folder.name, protocol["checkpoint"]))
 
 
 def choose_evaluation(run):
@@ -322,9 +339,10 @@ def drop_duplicate_seeds(runs):
 
 # -- grouping ----------------------------------------------------------------------------------------------
 def config_key(run):
-    """What must be equal for runs to be seeds of one experiment (runs of older code have width 16)."""
+    """What must be equal for runs to be seeds of one experiment (runs of older code have width 16): the
+    labelled subset included, so that each draw of ``--label_seed`` is a row of its own."""
     return (run.tag, run.variant, run.script, run.args["model"], run.labelnum, run.args["max_iterations"],
-            run.args.get("n_filters", 16))
+            run.args.get("n_filters", 16), run.label_seed)
 
 
 def protocol_key(run):
@@ -343,13 +361,15 @@ def method_label(run, method, upper_bound):
     """The method column: its name, plus the experiment or network when they are not ``reproduce.sh``'s."""
     extras = [f"exp {run.variant}"] if run.variant != method.exp else []
     extras += [f"model {run.args['model']}"] if run.args["model"] != method.model else []
+    extras += [f"labelled draw {run.label_seed}"] if run.label_seed is not None else []
     name = UPPER_BOUND if upper_bound else method.name
     return f"{name} ({', '.join(extras)})" if extras else name
 
 
 def group_rows(runs):
     """Rows of the table, sorted by data tag, labelled count and method: one per configuration and evaluation
-    protocol; a configuration whose runs all failed gets one row of its own."""
+    protocol; a configuration whose runs all failed gets one row of its own. The labelled-only V-Net on every
+    training case not held out for validation (``--val_num``) is the all-labels upper bound."""
     tag_seeds = defaultdict(set)
     for run in runs:
         tag_seeds[run.tag].add(run.seed)
@@ -364,7 +384,7 @@ def group_rows(runs):
         if root not in case_counts:
             case_counts[root] = count_training_cases(first)
         method = method_of(first)
-        upper = method.key == "supervised" and first.labelnum == case_counts[root]
+        upper = method.key == "supervised" and first.labelnum + first.args.get("val_num", 0) == case_counts[root]
         failed = sorted((r for r in group if r.summary is None), key=lambda r: r.seed)
         protocols = defaultdict(list)
         for run in (r for r in group if r.summary is not None):
@@ -414,24 +434,40 @@ def case_scores(row):
 
 def is_labelled_only(row):
     """The plain labelled-only V-Net (not the all-labels run, not an ablation of it), evaluated."""
-    return row.method.key == "supervised" and not row.upper_bound and row.label == row.method.name and row.runs
+    if row.method.key != "supervised" or row.upper_bound or not row.runs:
+        return False
+    first = row.runs[0]
+    return first.variant == row.method.exp and first.args["model"] == row.method.model
+
+
+def subset_of(row):
+    """``(data tag, labelled count, labelled draw)``: rows with the same labelled cases."""
+    return row.tag, row.labelnum, row.runs[0].label_seed
+
+
+def subset_order(subset):
+    """Sort key of a :func:`subset_of` triple: the papers' first cases (no draw) before the draws."""
+    tag, labelnum, label_seed = subset
+    return tag, labelnum, -1 if label_seed is None else label_seed
 
 
 def paired_comparisons(rows):
-    """Each evaluated method row against the labelled-only V-Net of its data tag and labelled count, and the
-    all-labels V-Net against each labelled-only one of its tag (the band); only rows that share pairs."""
+    """Each evaluated method row against the labelled-only V-Net of its data tag, labelled count and labelled
+    draw, and the all-labels V-Net against each labelled-only one of its tag (the band); only rows that share
+    pairs."""
     baselines = {}
     for row in rows:
         if is_labelled_only(row):
-            baselines.setdefault((row.tag, row.labelnum), row)
+            baselines.setdefault(subset_of(row), row)
     comparisons = []
     for row in rows:
         if not row.runs or is_labelled_only(row):
             continue
         if row.upper_bound:
-            against = [b for (tag, _), b in sorted(baselines.items()) if tag == row.tag]
+            against = [b for key, b in sorted(baselines.items(), key=lambda item: subset_order(item[0]))
+                       if key[0] == row.tag]
         else:
-            against = [baselines[(row.tag, row.labelnum)]] if (row.tag, row.labelnum) in baselines else []
+            against = [baselines[subset_of(row)]] if subset_of(row) in baselines else []
         for baseline in against:
             differences = paired_differences(case_scores(row), case_scores(baseline))
             if differences:
@@ -469,6 +505,56 @@ def comparison_lines(comparisons):
                          f"{'on' if ours['nms'] else 'off'}, the labelled-only V-Net with LCC "
                          f"{'on' if theirs['nms'] else 'off'}")
     return lines, notes
+
+
+# -- validation-selected weights and labelled subsets ---------------------------------------------------------
+def selection_lines(rows):
+    """The table of every run whose validation kept weights (``best_val.pth``) and that has both evaluations:
+    the final weights' Dice beside the validation-selected weights', with where and how well they validated."""
+    header = ["run", "seed", "Dice, final weights (%)", "Dice, weights best on validation (%)",
+              "selected at iteration", "validation Dice (%)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for run in (run for row in rows for run in row.runs if run.best_summary):
+        protocol = run.best_summary["protocol"]
+        cells = [f"`{run.name}`", str(run.seed), f"{100 * run.summary['dice']['mean']:.2f}",
+                 f"{100 * run.best_summary['dice']['mean']:.2f}", str(protocol.get("iteration", "?")),
+                 f"{100 * protocol['val_dice']:.2f}" if "val_dice" in protocol else "?"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines if len(lines) > 2 else []
+
+
+def subset_groups(rows):
+    """Rows of one configuration and evaluation protocol that differ only in the labelled draw (``--label_seed``),
+    for every configuration evaluated on at least two draws, each group in the order of its draws."""
+    groups = defaultdict(list)
+    for row in rows:
+        if row.runs and row.runs[0].label_seed is not None:
+            first = row.runs[0]
+            groups[config_key(first)[:-1] + protocol_key(first)].append(row)
+    return [sorted(group, key=lambda r: r.runs[0].label_seed) for group in groups.values() if len(group) > 1]
+
+
+def subset_lines(rows):
+    """The two-level table of the spread of Dice: per labelled draw over training seeds, then across draws, and
+    which of the two spreads is larger."""
+    header = ["data", "method", "labelled", "per draw: Dice (%) over training seeds", "across draws: mean ± sd of "
+              "the draws' means", "within a draw: pooled sd over training seeds", "larger spread"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for group in subset_groups(rows):
+        dice = [[100 * run.summary["dice"]["mean"] for run in row.runs] for row in group]
+        per_draw = "<br>".join(f"draw {row.runs[0].label_seed}: {seed_statistic(values, 1)} ({len(values)} "
+                               f"seed{'s' if len(values) > 1 else ''})" for row, values in zip(group, dice))
+        means = [statistics.fmean(values) for values in dice]
+        variances = [statistics.variance(values) for values in dice if len(values) > 1]
+        across = statistics.stdev(means)
+        within = math.sqrt(statistics.fmean(variances)) if variances else None
+        larger = "–" if within is None else "the labelled draw" if across > within else "the training seed"
+        first = group[0]
+        cells = [first.tag, UPPER_BOUND if first.upper_bound else first.method.name, str(first.labelnum), per_draw,
+                 f"{statistics.fmean(means):.2f} ± {across:.2f} ({len(group)} draws)",
+                 "–" if within is None else f"{within:.2f}", larger]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines if len(lines) > 2 else []
 
 
 # -- cells -------------------------------------------------------------------------------------------------
@@ -558,10 +644,25 @@ def render(results, title, note=None, model_label=None):
               f"`{model_label or results.model_dir}`. Each cell: mean ± standard deviation over seeds (sample, "
               "n - 1; \"–\" with one seed) of the per-run test-set means; Dice and Jaccard in %, 95HD and ASD in "
               "the units of the protocol column. The published columns quote docs/methods/*.md (other protocols "
-              "and checkpoints; see there); they were not measured here.", ""]
+              "and checkpoints; see there); they were not measured here. No number here was selected on the test "
+              "set: every metric column is the final weights'; weights selected on validation cases held out of the "
+              "training list (`--val_num`) have their own table below.", ""]
     lines += table_lines(results.rows)
     if results.notes:
         lines += ["", "Notes:", ""] + [f"- {note_line}" for note_line in results.notes]
+    selection = selection_lines(results.rows)
+    if selection:
+        lines += ["", "## Weights selected on validation", "",
+                  "Runs that validated on cases held out of the training list (`--val_num`, `--val_interval`) and kept "
+                  "the weights with the best validation Dice (`best_val.pth`): their test Dice beside the final "
+                  "weights' (the table above). The selection saw no test case.", ""] + selection
+    subsets = subset_lines(results.rows)
+    if subsets:
+        lines += ["", "## Spread over labelled subsets", "",
+                  "Configurations trained on several draws of the labelled cases (`--label_seed`): the Dice of each "
+                  "draw over its training seeds, then the mean and standard deviation of the draws' means (the "
+                  "spread the choice of labelled cases causes) beside the pooled standard deviation over training "
+                  "seeds within a draw (the spread the seed causes).", ""] + subsets
     if results.comparisons:
         table, notes = comparison_lines(results.comparisons)
         lines += ["", "## Paired comparison with the labelled-only V-Net", "",
