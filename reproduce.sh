@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train and evaluate every method for the labelled counts and seeds given, then write the results table
-# (code/utils/summarize.py) and the figures (code/utils/plots.py).
+# (code/report/summarize.py) and the figures (code/report/plots.py).
 #
 #   bash reproduce.sh                              # LA at data/LA: 8 and 16 labels, seed 1337, paper protocols
 #   LABELNUMS="8" SEEDS="1337 2024 42" bash reproduce.sh
@@ -456,10 +456,10 @@ if [ "$SUMMARY" = 0 ]; then
     exit 0
 fi
 echo
-if ! step "$PYTHON" code/utils/summarize.py --model_dir "$OUTPUT_ROOT" --out "$RESULTS" \
+if ! step "$PYTHON" code/report/summarize.py --model_dir "$OUTPUT_ROOT" --out "$RESULTS" \
         --title "Results: $PROTOCOL" --note "$NOTE Wall time of this reproduce.sh call: $minutes min."; then
     failed+=("summary")
-elif [ "$PLOTS" = 1 ] && ! step "$PYTHON" code/utils/plots.py --model_dir "$OUTPUT_ROOT" --out "$FIGURES" \
+elif [ "$PLOTS" = 1 ] && ! step "$PYTHON" code/report/plots.py --model_dir "$OUTPUT_ROOT" --out "$FIGURES" \
         --device "$DEVICE"; then
     failed+=("figures")
 fi

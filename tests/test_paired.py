@@ -1,10 +1,10 @@
-"""Paired statistics (code/utils/paired.py) on differences with known answers."""
+"""Paired statistics (code/report/paired.py) on differences with known answers."""
 import math
 
 import numpy as np
 import pytest
 
-from utils.paired import bootstrap_interval, compare, paired_differences, wilcoxon_p
+from report.paired import bootstrap_interval, compare, paired_differences, wilcoxon_p
 
 
 def test_differences_pair_only_the_keys_both_runs_scored():

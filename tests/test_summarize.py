@@ -1,4 +1,4 @@
-"""Tests of the results table (code/utils/summarize.py) and the figures (code/utils/plots.py) on fabricated run
+"""Tests of the results table (code/report/summarize.py) and the figures (code/report/plots.py) on fabricated run
 directories: config.json, log.txt and evaluation folders as the training scripts write them, no training."""
 import json
 import re
@@ -11,10 +11,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from utils import plots, summarize
+from report import plots, summarize
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SUMMARIZE = REPO_ROOT / "code" / "utils" / "summarize.py"
+SUMMARIZE = REPO_ROOT / "code" / "report" / "summarize.py"
 ITERATIONS = 100
 CASES = ("case_a", "case_b")
 SEEDS = (1337, 2024, 42)

@@ -1,6 +1,6 @@
 """Figures of the runs under a model folder: Dice against labelled cases, training curves, a segmentation overlay.
 
-    python code/utils/plots.py --model_dir model --out docs/figures [--case <id>] [--device auto]
+    python code/report/plots.py --model_dir model --out docs/figures [--case <id>] [--device auto]
 
 Runs are read and grouped exactly as ``summarize.py`` does (same rows, same evaluation chosen per run). It
 writes PNGs (matplotlib's Agg backend, no display needed) into ``--out``:
@@ -41,7 +41,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from utils.cli import ArgumentParser, output_path, resolve_path, run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
-from utils.summarize import collect, metrics_rows  # noqa: E402
+from report.summarize import collect, metrics_rows  # noqa: E402
 
 ITERATION = re.compile(r"\biteration (\d+)\b")
 TERM = re.compile(r"([A-Za-z_][\w/]*)\s*:\s*([-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf))(?![\w.])")
