@@ -75,11 +75,15 @@ def test_impossible_protocol_options_are_one_line(synthetic_root, tmp_path, flag
     assert not (tmp_path / "model").exists()
 
 
+def supervised_args(synthetic_root, output_root, *flags):
+    """The flags of a 6-iteration labelled-only run with 2 validation cases, validated every 2 iterations."""
+    return ["--root_path", synthetic_root, "--output_root", output_root, "--labelnum", "3", "--max_iterations", "6",
+            "--val_num", "2", "--val_interval", "2", "--label_seed", "7", *TINY, *flags]
+
+
 def supervised_run(synthetic_root, output_root, *flags):
-    """The folder of a 6-iteration labelled-only run with 2 validation cases, validated every 2 iterations."""
-    run_script("train_supervised_3D.py", "--root_path", synthetic_root, "--output_root", output_root, "--labelnum",
-               "3", "--max_iterations", "6", "--val_num", "2", "--val_interval", "2", "--label_seed", "7", *TINY,
-               *flags)
+    """The folder of the run of :func:`supervised_args`, trained."""
+    run_script("train_supervised_3D.py", *supervised_args(synthetic_root, output_root, *flags))
     return output_root / "LA" / "Supervised_3" / "vnet"
 
 
@@ -111,9 +115,7 @@ def test_the_best_validated_weights_are_kept_and_evaluated_beside_the_final_ones
 
 def test_a_killed_run_keeps_the_same_best_validated_weights(synthetic_root, tmp_path):
     straight = supervised_run(synthetic_root, tmp_path / "straight", "--no_eval")
-    args = ["--root_path", synthetic_root, "--output_root", tmp_path / "killed", "--labelnum", "3",
-            "--max_iterations", "6", "--val_num", "2", "--val_interval", "2", "--label_seed", "7", "--save_interval",
-            "3", "--no_eval", *TINY]
+    args = supervised_args(synthetic_root, tmp_path / "killed", "--save_interval", "3", "--no_eval")
     latest = kill_after_first_save("train_supervised_3D.py", args, tmp_path / "killed" / "LA" / "Supervised_3" / "vnet")
     assert load_saved(latest)["iteration"] < 6, "the run finished before it could be killed"
     run_script("train_supervised_3D.py", *args, "--resume")

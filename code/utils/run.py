@@ -55,6 +55,7 @@ LOG_DATEFMT = "%H:%M:%S"
 LATEST = "latest.pth"
 BEST_VAL = "best_val.pth"  # the weights with the best validation Dice (--val_interval)
 PREFETCH_BATCHES = 4  # per loader worker (PyTorch's default is 2)
+_UNREAD = object()  # TrainingRun._best before best_val.pth was looked at
 
 
 def run_directory(args):
@@ -229,6 +230,7 @@ class TrainingRun:
             self.logger.info(determinism_note)
         self._bar = None
         self._validation = None
+        self._best = _UNREAD
         self._stop_signal = None
         self._saved_iteration = None
         self._last_save_time = time.monotonic()
@@ -427,6 +429,7 @@ class TrainingRun:
         if improved:
             save_checkpoint(self.dir / BEST_VAL, {"script": self.script, "iteration": iteration, "val_dice": dice,
                                                  "models": self._finite_weights(iteration, models)})
+            self._best = {"iteration": iteration, "val_dice": dice}
         self.logger.info(f"iteration {iteration} : val_dice : {dice:f} ({dataset.description})"
                          + (f"; the best so far, saved as {BEST_VAL}" if improved else
                             f"; the best is {best['val_dice']:f} at iteration {best['iteration']}"))
@@ -435,14 +438,17 @@ class TrainingRun:
 
     def best_validation(self):
         """``{'iteration', 'val_dice'}`` of the run's ``best_val.pth``, or None before the first validation. The
-        file itself is the record, so a resumed run keeps comparing with the best it had (a deterministic rerun of
-        the iterations since its last save validates to the same Dice and keeps the file as it is)."""
-        path = self.dir / BEST_VAL
-        if not path.is_file():
-            return None
-        state = load_checkpoint(path, map_location="cpu", hint=f"remove it to let the next validation write a new "
-                                                               f"{BEST_VAL}")
-        return {"iteration": int(state["iteration"]), "val_dice": float(state["val_dice"])}
+        file itself is the record, read once per process, so a resumed run keeps comparing with the best it had (a
+        deterministic rerun of the iterations since its last save validates to the same Dice and keeps the file as
+        it is); :meth:`validate` keeps it up to date after that."""
+        if self._best is _UNREAD:
+            path = self.dir / BEST_VAL
+            self._best = None
+            if path.is_file():
+                state = load_checkpoint(path, map_location="cpu", hint=f"remove it to let the next validation "
+                                                                       f"write a new {BEST_VAL}")
+                self._best = {"iteration": int(state["iteration"]), "val_dice": float(state["val_dice"])}
+        return self._best
 
     # -- stop signals -----------------------------------------------------------------------------------
     def _request_stop(self, signum, frame):

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from utils.errors import UserError
+from utils.sliding_window import channels_last as to_channels_last
 
 
 def select_device(name="auto"):
@@ -90,7 +91,7 @@ def prepare_for_training(models, device, channels_last=False, compile_models=Fal
     dicts keep their keys, so checkpoints are unchanged). Both change the numbers only by float rounding."""
     for model in models.values():
         if channels_last:
-            model.to(memory_format=torch.channels_last_3d)
+            to_channels_last(model)
         if compile_models:
             model.compile()
 
