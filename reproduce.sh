@@ -185,7 +185,9 @@ OUTPUT_ROOT=${OUTPUT_ROOT:-model/reproduce/$PROTOCOL}
 mkdir -p "$OUTPUT_ROOT" || exit 2
 RESULTS=${RESULTS:-$OUTPUT_ROOT/results.md}
 FIGURES=${FIGURES:-$OUTPUT_ROOT/figures}
-COMMON=(--root_path "$DATA_ROOT" --output_root "$OUTPUT_ROOT" --device "$DEVICE" --no_eval)
+# each training evaluates its final weights (and best_val.pth) itself; test_3D.py evaluates a finished run that
+# lacks an evaluation (stopped during it, or trained by another call)
+COMMON=(--root_path "$DATA_ROOT" --output_root "$OUTPUT_ROOT" --device "$DEVICE")
 if [ "$QUICK" = 1 ]; then
     read -r stride_xy stride_z <<< "$QUICK_STRIDE"
     # shellcheck disable=SC2206
@@ -287,7 +289,7 @@ run_one() {  # run_one METHOD LABELNUM SEED DRAW: train (or resume, or skip) and
         [ -d "$run" ] && args+=(--resume)
         echo "== $what: training -> $run"
         if ! step "$PYTHON" "code/$script" "${args[@]}"; then
-            echo "!! $what: training failed"
+            echo "!! $what: training or its evaluation failed"
             failed+=("$tag"); return
         fi
     fi

@@ -282,7 +282,8 @@ def step_lines(steps, loaders):
         feed = loader.get(method, {})
         setting = f"{'x'.join(map(str, plain['patch']))}, {plain['batch_size']}" if "patch" in plain else "–"
         fastest = min((e["seconds"] for e in (plain, amp) if "seconds" in e), default=None)
-        ratio = f"{feed['seconds'] / plain['seconds']:.2f}" if "seconds" in feed and "seconds" in plain else "–"
+        # two significant digits: a loader far faster than the step still shows a ratio above 0
+        ratio = f"{feed['seconds'] / plain['seconds']:.2g}" if "seconds" in feed and "seconds" in plain else "–"
         needed = str(math.ceil(feed["one_worker"] / fastest)) if "one_worker" in feed and fastest else "–"
         one = f"{feed['one_worker']:.3f}" if "one_worker" in feed else cell(feed)
         workers = f" ({feed['workers']})" if "workers" in feed else ""

@@ -8,12 +8,21 @@ CODE_DIR = REPO_ROOT / "code"
 if str(CODE_DIR) not in sys.path:
     sys.path.insert(0, str(CODE_DIR))
 
+import contextlib  # noqa: E402
+import gc  # noqa: E402
+import importlib  # noqa: E402
+import io  # noqa: E402
 import json  # noqa: E402
+import logging  # noqa: E402
+import random  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
+import warnings  # noqa: E402
+from unittest import mock  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -80,6 +89,83 @@ def run_script(script, *args, cwd=REPO_ROOT, check=True, device="cpu"):
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
+
+
+def run_main(script, *args, device="cpu", cwd=None, check=False):
+    """Call ``code/<script>``'s ``main`` in this interpreter the way its ``run_cli`` does in a fresh one (one-line
+    errors, exit status) and return a completed process with its output. For inputs refused before a run starts,
+    and for runs whose process does not matter to the test (a reference run, a resume to completion): it saves
+    the 2-4 s of a fresh interpreter and its torch import. The state a script sets for the process (signal
+    handlers, seeds, deterministic mode, its logger, warning filters, environment, working directory, the frozen
+    garbage collector) is put back afterwards; ``device="cpu"`` hides CUDA as :func:`device_env` does. ``cwd``:
+    the working directory during the call; ``check``: a non-zero exit fails the test with the output."""
+    return call_main(importlib.import_module(Path(script).stem).main, *args, device=device, cwd=cwd, check=check)
+
+
+def call_main(main, *args, device="cpu", cwd=None, check=False):
+    """:func:`run_main` for any entry point's ``main`` (a data script's, for example)."""
+    from utils.cli import run_cli
+
+    argv = [str(arg) for arg in args]
+    stdout, stderr, status = io.StringIO(), io.StringIO(), 0
+    with script_process_state(), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), \
+            mock.patch("torch.cuda.is_available", return_value=torch.cuda.is_available() and device != "cpu"):
+        if cwd is not None:
+            os.chdir(cwd)
+        try:
+            run_cli(main, argv)
+        except SystemExit as stop:
+            status = stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
+    proc = subprocess.CompletedProcess([main.__module__, *argv], status, stdout.getvalue(), stderr.getvalue())
+    if check and status != 0:
+        raise AssertionError(f"{main.__module__} exited {status}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+# the warning filters of a fresh interpreter (Python's defaults, less those for __main__), so that a warning shows
+# on stderr as in a script
+FRESH_INTERPRETER_WARNINGS = [("ignore", DeprecationWarning), ("ignore", PendingDeprecationWarning),
+                              ("ignore", ImportWarning), ("ignore", ResourceWarning)]
+
+
+def print_warning(message, category, filename, lineno, file=None, line=None):
+    """Show a warning on stderr as a fresh interpreter does (pytest would otherwise record it silently)."""
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+@contextlib.contextmanager
+def script_process_state():
+    """Put back, on leaving, what a script's ``main`` sets for its whole process (see :func:`run_main`)."""
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    environ, cwd = dict(os.environ), os.getcwd()
+    rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    deterministic = (torch.are_deterministic_algorithms_enabled(),
+                     torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark,
+                     torch.backends.cudnn.deterministic, torch.utils.deterministic.fill_uninitialized_memory)
+    logger = logging.getLogger("ssl3d")
+    try:
+        with warnings.catch_warnings():
+            warnings.resetwarnings()
+            for action, category in FRESH_INTERPRETER_WARNINGS:
+                warnings.simplefilter(action, category)
+            warnings.showwarning = print_warning
+            yield
+    finally:
+        gc.unfreeze()
+        for handler in list(logger.handlers):
+            handler.close()
+            logger.removeHandler(handler)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        os.environ.clear()
+        os.environ.update(environ)
+        os.chdir(cwd)
+        random.setstate(rng[0])
+        np.random.set_state(rng[1])
+        torch.set_rng_state(rng[2])
+        torch._C._set_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = deterministic[2:4]
+        torch.utils.deterministic.fill_uninitialized_memory = deterministic[4]
 
 
 def kill_after_first_save(script, args, run_dir, device="cpu"):

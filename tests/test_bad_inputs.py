@@ -1,11 +1,15 @@
-"""Every bad input gives one clear line on stderr and exit status 2, and leaves no run directory behind."""
+"""Every bad input gives one clear line on stderr and exit status 2, and leaves no run directory behind.
+
+Most of these run the script's ``main`` in the test's interpreter (``run_main``: the same ``run_cli`` path, without
+an interpreter start per input); the first tests run it as a process, to keep one check of the whole path."""
 import argparse
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, assert_one_line_error, first_train_case, rewrite_case, run_script
+from conftest import TINY, assert_one_line_error, first_train_case, rewrite_case, run_main, run_script
 from utils.args import check_args
 from utils.checkpoint import save_checkpoint
 from utils.errors import UserError
@@ -13,13 +17,33 @@ from utils.errors import UserError
 TRAIN = "train_supervised_3D.py"
 
 
+def train_args(root, tmp_path, *extra):
+    return ("--root_path", root, "--output_root", tmp_path / "model", "--labelnum", "4", "--max_iterations", "1",
+            "--no_eval", *TINY, *extra)
+
+
 def train(root, tmp_path, *extra):
-    return run_script(TRAIN, "--root_path", root, "--output_root", tmp_path / "model", "--labelnum", "4",
-                      "--max_iterations", "1", "--no_eval", *TINY, *extra, check=False)
+    """A one-iteration labelled-only run into ``tmp_path/model``, expected to be refused (in this interpreter)."""
+    return run_main(TRAIN, *train_args(root, tmp_path, *extra))
+
+
+@pytest.fixture(scope="module")
+def finished(synthetic_root, tmp_path_factory):
+    """A finished one-iteration run (``<folder>/model/...``), trained once for the tests that copy it."""
+    folder = tmp_path_factory.mktemp("finished")
+    run_main(TRAIN, *train_args(synthetic_root, folder), check=True)
+    return folder / "model"
+
+
+def finished_copy(finished, tmp_path):
+    """A copy of the finished run's output root at ``tmp_path/model``; returns the run folder."""
+    shutil.copytree(finished, tmp_path / "model")
+    return next((tmp_path / "model").rglob("config.json")).parent
 
 
 def test_missing_data_root(tmp_path):
-    assert_one_line_error(train(tmp_path / "nowhere", tmp_path), "data root", "not found")
+    proc = run_script(TRAIN, *train_args(tmp_path / "nowhere", tmp_path), check=False)
+    assert_one_line_error(proc, "data root", "not found")
     assert not (tmp_path / "model").exists()
 
 
@@ -70,12 +94,12 @@ def test_patch_not_divisible_by_16(synthetic_root, tmp_path):
 
 
 def test_unknown_flag_is_one_line(synthetic_root, tmp_path):
-    assert_one_line_error(train(synthetic_root, tmp_path, "--labeled_bs", "2"), "unrecognized arguments")
+    proc = run_script(TRAIN, *train_args(synthetic_root, tmp_path, "--labeled_bs", "2"), check=False)
+    assert_one_line_error(proc, "unrecognized arguments")
 
 
-def test_existing_run_directory(synthetic_root, tmp_path):
-    assert train(synthetic_root, tmp_path).returncode == 0
-    log = next((tmp_path / "model").rglob("log.txt"))
+def test_existing_run_directory(synthetic_root, finished, tmp_path):
+    log = finished_copy(finished, tmp_path) / "log.txt"
     before = log.read_text()
     assert_one_line_error(train(synthetic_root, tmp_path), "already exists", "--resume", "--overwrite")
     assert log.read_text() == before
@@ -86,25 +110,23 @@ def test_resume_without_a_run(synthetic_root, tmp_path):
     assert_one_line_error(train(synthetic_root, tmp_path, "--resume"), "no latest.pth")
 
 
-def test_test_3d_rejects_a_checkpoint_of_another_method(synthetic_root, tmp_path):
-    assert train(synthetic_root, tmp_path).returncode == 0
-    run = next((tmp_path / "model").rglob("config.json")).parent
+def test_test_3d_rejects_a_checkpoint_of_another_method(finished, tmp_path):
+    run = finished_copy(finished, tmp_path)
     state = torch.load(run / "iter_1.pth", weights_only=True)
     save_checkpoint(tmp_path / "mt.pth", {**state, "script": "train_mt_3D"})
-    proc = run_script("test_3D.py", "--run", run, "--checkpoint", tmp_path / "mt.pth", check=False)
+    proc = run_main("test_3D.py", "--run", run, "--checkpoint", tmp_path / "mt.pth")
     assert_one_line_error(proc, "written by train_mt_3D, not by train_supervised_3D")
     assert not any(p.name.startswith("eval_") for p in run.iterdir())
 
 
 def test_test_3d_rejects_a_folder_that_is_not_a_run(tmp_path):
-    assert_one_line_error(run_script("test_3D.py", "--run", tmp_path, check=False), "not a run directory")
+    assert_one_line_error(run_main("test_3D.py", "--run", tmp_path), "not a run directory")
 
 
-def test_test_3d_rejects_an_unfinished_run(synthetic_root, tmp_path):
-    assert train(synthetic_root, tmp_path).returncode == 0
-    run = next((tmp_path / "model").rglob("config.json")).parent
+def test_test_3d_rejects_an_unfinished_run(finished, tmp_path):
+    run = finished_copy(finished, tmp_path)
     (run / "iter_1.pth").unlink()
-    assert_one_line_error(run_script("test_3D.py", "--run", run, check=False), "no final weights")
+    assert_one_line_error(run_main("test_3D.py", "--run", run), "no final weights")
 
 
 def args(**overrides):
@@ -171,8 +193,8 @@ def test_a_test_image_with_nan_stops_the_run_before_training(dataset_copy, tmp_p
     image = np.zeros((40, 40, 24), np.float32)
     image[0, 0, 0] = np.nan
     rewrite_case(path, image=image, label=np.zeros((40, 40, 24), np.uint8))
-    proc = run_script(TRAIN, "--root_path", dataset_copy, "--output_root", tmp_path / "model", "--labelnum", "4",
-                      "--max_iterations", "1", *TINY, *extra, check=False)
+    proc = run_main(TRAIN, "--root_path", dataset_copy, "--output_root", tmp_path / "model", "--labelnum", "4",
+                    "--max_iterations", "1", *TINY, *extra)
     assert_one_line_error(proc, path.parent.name, "NaN or infinite")
     assert not (tmp_path / "model").exists()
 
@@ -210,15 +232,14 @@ def test_impossible_flags_are_refused_before_anything_is_written(synthetic_root,
 
 
 def test_a_method_flag_of_nan_is_refused(synthetic_root, tmp_path):
-    proc = run_script("train_mt_3D.py", "--root_path", synthetic_root, "--output_root", tmp_path / "model",
-                      "--labelnum", "4", "--max_iterations", "1", *TINY, "--consistency", "nan", check=False)
+    proc = run_main("train_mt_3D.py", "--root_path", synthetic_root, "--output_root", tmp_path / "model",
+                    "--labelnum", "4", "--max_iterations", "1", *TINY, "--consistency", "nan")
     assert_one_line_error(proc, "--consistency must be a finite number")
 
 
 def test_ucseg_upg_patch_zero_is_one_line(synthetic_root, tmp_path):
-    proc = run_script("train_ucseg_3D.py", "--root_path", synthetic_root, "--output_root", tmp_path / "model",
-                      "--labelnum", "4", "--max_iterations", "1", *TINY, "--labeled_bs", "1", "--upg_patch", "0",
-                      check=False)
+    proc = run_main("train_ucseg_3D.py", "--root_path", synthetic_root, "--output_root", tmp_path / "model",
+                    "--labelnum", "4", "--max_iterations", "1", *TINY, "--labeled_bs", "1", "--upg_patch", "0")
     assert_one_line_error(proc, "--upg_patch must be at least 1")
 
 
@@ -234,8 +255,8 @@ def test_an_output_root_that_is_a_file_is_one_line(synthetic_root, tmp_path):
 
 def test_an_output_root_that_cannot_be_created_is_one_line(synthetic_root, tmp_path):
     (tmp_path / "file").write_text("x")
-    proc = run_script(TRAIN, "--root_path", synthetic_root, "--output_root", tmp_path / "file" / "model",
-                      "--labelnum", "4", "--max_iterations", "1", "--no_eval", *TINY, check=False)
+    proc = run_main(TRAIN, "--root_path", synthetic_root, "--output_root", tmp_path / "file" / "model",
+                    "--labelnum", "4", "--max_iterations", "1", "--no_eval", *TINY)
     assert_one_line_error(proc, "cannot create the run folder")
 
 
@@ -255,11 +276,12 @@ def test_an_unwritable_run_folder_is_one_line(synthetic_root, tmp_path, monkeypa
 
 
 def test_missing_medpy_is_found_before_training(synthetic_root, tmp_path, monkeypatch):
-    fake = tmp_path / "fake_site" / "medpy"
-    fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text("raise ImportError('medpy is hidden by the test')\n")
-    monkeypatch.setenv("PYTHONPATH", str(fake.parent))
-    assert_one_line_error(train(synthetic_root, tmp_path), "medpy is not installed")
+    site = tmp_path / "fake_site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import sys\nsys.modules['medpy'] = None  # hidden: not found\n")
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    proc = run_script(TRAIN, *train_args(synthetic_root, tmp_path), check=False)
+    assert_one_line_error(proc, "medpy is not installed")
     assert not (tmp_path / "model").exists()
 
 

@@ -8,7 +8,7 @@ import train_cps_3D as cps
 import train_dtc_3D as dtc
 import train_mt_3D as mt
 import train_uamt_3D as uamt
-from conftest import TINY, assert_same_models, kill_after_first_save, load_saved, read_summary, run_script
+from conftest import TINY, assert_same_models, kill_after_first_save, load_saved, read_summary, run_main
 from utils.ema import update_ema
 from utils.losses import compute_sdf
 from utils.ramps import LN2
@@ -150,14 +150,14 @@ SCRIPTS = {"mt": ("train_mt_3D.py", "MT", "vnet", []),
 def test_script_trains_evaluates_and_test_3d_reproduces(name, synthetic_root, tmp_path, device):
     script, exp, model, flags = SCRIPTS[name]
     out = tmp_path / "model"
-    run_script(script, "--root_path", synthetic_root, "--output_root", out, "--labelnum", "4", "--labeled_bs", "1",
-               "--max_iterations", "2", *flags, *TINY, cwd=tmp_path, device=device)
+    run_main(script, "--root_path", synthetic_root, "--output_root", out, "--labelnum", "4", "--labeled_bs", "1",
+             "--max_iterations", "2", *flags, *TINY, cwd=tmp_path, device=device, check=True)
     run = out / f"LA/{exp}_4" / model
     assert json.loads((run / "config.json").read_text())["script"] == script[:-3]
     log = (run / "log.txt").read_text()
     assert "iteration 2 : loss : " in log and "consistency_weight: " in log
     trained_dir = next(run.glob("eval_iter_2*"))
-    run_script("test_3D.py", "--run", run, "--progress", "0", cwd=tmp_path, device=device)
+    run_main("test_3D.py", "--run", run, "--progress", "0", cwd=tmp_path, device=device, check=True)
     tested_dir = next(p for p in run.glob("eval_iter_2*") if p != trained_dir)
     trained, tested = read_summary(trained_dir), read_summary(tested_dir)
     for metric in ("dice", "jaccard", "hd95", "asd"):
@@ -166,12 +166,12 @@ def test_script_trains_evaluates_and_test_3d_reproduces(name, synthetic_root, tm
 
 def test_cps_killed_run_resumes_both_networks_and_optimisers(synthetic_root, tmp_path, device):
     common = ["--root_path", synthetic_root, "--labelnum", "4", "--labeled_bs", "1", "--max_iterations", "6",
-              "--save_interval", "2", "--no_eval", *TINY]
-    run_script("train_cps_3D.py", *common, "--output_root", tmp_path / "straight", device=device)
+              "--save_interval", "2", "--no_eval", "--n_filters", "4", *TINY]
+    run_main("train_cps_3D.py", *common, "--output_root", tmp_path / "straight", device=device, check=True)
     killed = ["--output_root", tmp_path / "killed", *common]
     latest = kill_after_first_save("train_cps_3D.py", killed, tmp_path / "killed/LA/CPS_4/vnet", device=device)
     assert load_saved(latest)["iteration"] < 6
-    run_script("train_cps_3D.py", *killed, "--resume", device=device)
+    run_main("train_cps_3D.py", *killed, "--resume", device=device, check=True)
     straight = load_saved(tmp_path / "straight/LA/CPS_4/vnet/iter_6.pth")
     resumed = load_saved(latest.parent / "iter_6.pth")
     assert set(straight["models"]) == {"model1", "model2"}

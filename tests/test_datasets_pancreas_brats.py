@@ -13,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import TINY, read_summary, run_script
+from conftest import TINY, assert_one_line_error, call_main, read_summary, run_main
 from dataloaders.brats2019 import BraTS2019
 from dataloaders.brats_processing import convert_brats
 from dataloaders.brats_processing import main as brats_main
@@ -25,7 +25,7 @@ from dataloaders.registry import get_dataset_spec
 from dataloaders.resample import resample_volume
 from networks.net_factory_3d import net_factory_3d
 from utils.args import finalize_args, training_parser
-from utils.cli import REPO_ROOT, run_cli
+from utils.cli import REPO_ROOT
 from utils.errors import UserError
 from utils.evaluation import eval_mode, validation_dice
 
@@ -192,13 +192,11 @@ def h5(dataset_class, root, case_id):
     return sample["image"], sample["label"]
 
 
-def one_line_error(capsys, main, argv):
+def one_line_error(main, argv):
     """Run a CLI ``main`` in-process; assert exit 2 with one ``error:`` line on stderr; return it."""
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(main, [str(arg) for arg in argv])
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
+    proc = call_main(main, *argv)
+    assert_one_line_error(proc)
+    return proc.stderr.strip()
 
 
 # ---------------------------------------------------------------- Pancreas conversion
@@ -329,7 +327,7 @@ def test_brats_seeded_split_dataset_and_split_dir(brats_root, brats_raw, tmp_pat
     ("shape", "has shape (40, 40, 30) but the segmentation"),
     ("empty", "has no foreground voxels"),
 ])
-def test_brats_bad_raw_case_is_one_line_naming_it(problem, fragment, tmp_path, capsys):
+def test_brats_bad_raw_case_is_one_line_naming_it(problem, fragment, tmp_path):
     src = tmp_path / "raw"
     for index, case_id in enumerate(BRATS_IDS[:3]):
         write_brats_case(src, case_id, index, skip={"no_flair": ("flair",), "no_seg": ("seg",)}.get(problem, ())
@@ -337,7 +335,7 @@ def test_brats_bad_raw_case_is_one_line_naming_it(problem, fragment, tmp_path, c
     bad_seg = {"shape": np.ones((40, 40, 28), np.uint8), "empty": np.zeros(BRATS_SHAPE, np.uint8)}.get(problem)
     if bad_seg is not None:
         write_nifti(src / "HGG" / BRATS_IDS[2] / f"{BRATS_IDS[2]}_seg.nii.gz", bad_seg, affine((1.0, 1.0, 1.0)))
-    line = one_line_error(capsys, brats_main, ["--src", src, "--out", tmp_path / "out", "--num_train", 1,
+    line = one_line_error(brats_main, ["--src", src, "--out", tmp_path / "out", "--num_train", 1,
                                                "--num_val", 1, "--num_test", 1])
     assert f"case {BRATS_IDS[2]}: " in line and fragment in line, line
     assert not (tmp_path / "out" / "train.txt").exists()
@@ -349,7 +347,7 @@ def test_brats_bad_raw_case_is_one_line_naming_it(problem, fragment, tmp_path, c
     ("shape", "voxels but the label"),
     ("empty", "has no foreground voxels"),
 ])
-def test_pancreas_bad_raw_case_is_one_line_naming_it(problem, fragment, tmp_path, capsys):
+def test_pancreas_bad_raw_case_is_one_line_naming_it(problem, fragment, tmp_path):
     images, labels = write_pancreas_raw(tmp_path, (1, 2, 3))
     hu, label = ct_case(3)
     if problem == "no_ct":
@@ -359,24 +357,24 @@ def test_pancreas_bad_raw_case_is_one_line_naming_it(problem, fragment, tmp_path
     else:
         bad = label[:, :, :-2] if problem == "shape" else np.zeros_like(label)
         write_nifti(labels / "label0003.nii.gz", bad, affine())
-    line = one_line_error(capsys, pancreas_main, ["--images", images, "--labels", labels, "--out", tmp_path / "out",
+    line = one_line_error(pancreas_main, ["--images", images, "--labels", labels, "--out", tmp_path / "out",
                                                   "--num_train", 2, "--num_test", 1])
     assert "case image0003: " in line and fragment in line, line
     assert not (tmp_path / "out" / "train.list").exists()
 
 
-def test_conversion_flag_errors_are_one_line(pancreas_raw, brats_raw, tmp_path, capsys):
+def test_conversion_flag_errors_are_one_line(pancreas_raw, brats_raw, tmp_path):
     images, labels = pancreas_raw
-    line = one_line_error(capsys, pancreas_main, ["--images", images, "--labels", labels, "--out", tmp_path / "a"])
+    line = one_line_error(pancreas_main, ["--images", images, "--labels", labels, "--out", tmp_path / "a"])
     assert "6 cases found" in line and "62 train + 20 test" in line
-    line = one_line_error(capsys, brats_main, ["--src", brats_raw[0], "--out", tmp_path / "b", "--num_train", 5,
+    line = one_line_error(brats_main, ["--src", brats_raw[0], "--out", tmp_path / "b", "--num_train", 5,
                                                "--num_val", 0, "--num_test", 2])
     assert "--num_val must be at least 1" in line
-    line = one_line_error(capsys, brats_main, ["--src", tmp_path / "nowhere", "--out", tmp_path / "c"])
+    line = one_line_error(brats_main, ["--src", tmp_path / "nowhere", "--out", tmp_path / "c"])
     assert "not found" in line
     empty_lists = tmp_path / "lists"
     empty_lists.mkdir()
-    line = one_line_error(capsys, pancreas_main, ["--images", images, "--labels", labels, "--out", tmp_path / "d",
+    line = one_line_error(pancreas_main, ["--images", images, "--labels", labels, "--out", tmp_path / "d",
                                                   "--split_dir", empty_lists])
     assert "train.list" in line and "not found" in line
     assert not any((tmp_path / name).exists() for name in "abcd")
@@ -406,7 +404,7 @@ def test_dataset_defaults_and_a_methods_own_patch(dataset, patch, strides, label
 
 def train(script, dataset, root, out, *flags):
     """Two iterations of ``script`` on a converted dataset; the run directory."""
-    run_script(script, "--dataset", dataset, "--root_path", root, "--output_root", out, *TRAIN_ARGS, *flags)
+    run_main(script, "--dataset", dataset, "--root_path", root, "--output_root", out, *TRAIN_ARGS, *flags, check=True)
     return next(out.rglob("config.json")).parent
 
 
@@ -424,7 +422,7 @@ def test_brats_training_periodic_validation_and_test_3d_on_val(brats_root, tmp_p
                 "--val_interval", "1")
     log = (run / "log.txt").read_text()
     assert "iteration 1 : val_dice : " in log and "iteration 2 : val_dice : " in log and "1 cases of val.txt" in log
-    run_script("test_3D.py", "--run", run, "--split", "val", "--progress", "0")
+    run_main("test_3D.py", "--run", run, "--split", "val", "--progress", "0", check=True)
     summary = read_summary(run / "eval_iter_2")
     assert summary["num_cases"] == 1 and summary["protocol"]["split"] == "val"
     run = train("train_mt_3D.py", "BraTS2019", brats_root, tmp_path / "mt", "--labeled_bs", "1", "--val_interval", "2")
@@ -457,17 +455,17 @@ def test_validation_leaves_the_networks_and_random_state_as_they_were(brats_root
     assert [module.training for net in nets.values() for module in net.modules()] == modes
 
 
-def test_val_interval_needs_a_validation_list(pancreas_root, brats_root, tmp_path, capsys):
+def test_val_interval_needs_a_validation_list(pancreas_root, brats_root, tmp_path):
     import train_supervised_3D
 
     argv = ["--dataset", "Pancreas", "--root_path", str(pancreas_root), "--output_root", str(tmp_path / "model"),
             *TRAIN_ARGS, "--val_interval", "5"]
-    assert "has no validation list" in one_line_error(capsys, train_supervised_3D.main, argv)
+    assert "has no validation list" in one_line_error(train_supervised_3D.main, argv)
     no_val = shutil.copytree(brats_root, tmp_path / "BraTS2019")
     (no_val / "val.txt").unlink()
     argv = ["--dataset", "BraTS2019", "--root_path", str(no_val), "--output_root", str(tmp_path / "model"),
             *TRAIN_ARGS, "--val_interval", "5"]
-    assert "val.txt not found" in one_line_error(capsys, train_supervised_3D.main, argv)
+    assert "val.txt not found" in one_line_error(train_supervised_3D.main, argv)
     with pytest.raises(UserError, match="--val_interval must be >= 0"):
         finalize_args(training_parser("test", exp="Test", max_iterations=1, batch_size=4, base_lr=0.01).parse_args(
             ["--val_interval", "-1"]), get_dataset_spec("LA"))

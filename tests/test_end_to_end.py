@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import (CUDA_ABSENT, REAL_LA, REAL_LA_ABSENT, REPO_ROOT, TINY, assert_same_models,
-                      kill_after_first_save, load_saved, read_summary, run_script)
+                      kill_after_first_save, load_saved, read_summary, run_main, run_script)
 from dataloaders.la_heart import read_list
 
 TRAIN = "train_supervised_3D.py"
@@ -44,12 +44,12 @@ def test_train_then_test_3d_reproduces_the_evaluation(synthetic_root, tmp_path, 
 
 def test_test_3d_options_write_new_folders(synthetic_root, tmp_path):
     out = tmp_path / "model"
-    run_script(TRAIN, "--root_path", synthetic_root, "--output_root", out, "--labelnum", "4",
-               "--max_iterations", "2", "--no_eval", *TINY)
+    run_main(TRAIN, "--root_path", synthetic_root, "--output_root", out, "--labelnum", "4",
+             "--max_iterations", "2", "--no_eval", *TINY, check=True)
     run = run_dir(out, 4)
     case = read_list(synthetic_root / "test.list")[0]
-    run_script("test_3D.py", "--run", run, "--nms", "1", "--save_nii", "--cases", case, "--progress", "0",
-               "--checkpoint", "latest.pth")
+    run_main("test_3D.py", "--run", run, "--nms", "1", "--save_nii", "--cases", case, "--progress", "0",
+             "--checkpoint", "latest.pth", check=True)
     eval_dir = run / "eval_latest_nms"
     summary = read_summary(eval_dir)
     assert summary["num_cases"] == 1 and summary["protocol"]["nms"] is True
@@ -65,29 +65,29 @@ def _final_weights(run):
 def test_killed_run_resumes_to_the_same_weights(synthetic_root, tmp_path, device):
     common = ["--root_path", synthetic_root, "--labelnum", "4", "--max_iterations", "12", "--save_interval", "4",
               "--no_eval", *TINY]
-    run_script(TRAIN, *common, "--output_root", tmp_path / "straight", device=device)
+    run_main(TRAIN, *common, "--output_root", tmp_path / "straight", device=device, check=True)
     interrupted = ["--output_root", tmp_path / "killed", *common]
     latest = kill_after_first_save(TRAIN, interrupted, run_dir(tmp_path / "killed", 4), device=device)
     stopped_at = load_saved(latest)["iteration"]
     assert stopped_at < 12, "the run finished before it could be killed"
     assert not (latest.parent / "iter_12.pth").exists()
-    run_script(TRAIN, *interrupted, "--resume", "--num_workers", "2", device=device)
+    run_main(TRAIN, *interrupted, "--resume", "--num_workers", "2", device=device, check=True)
     assert_same_models(_final_weights(run_dir(tmp_path / "straight", 4)), _final_weights(latest.parent), device)
     assert f"resumed from {latest} at iteration {stopped_at}" in (latest.parent / "log.txt").read_text()
 
 
 def test_resume_refuses_changed_settings(synthetic_root, tmp_path):
     common = ["--root_path", synthetic_root, "--labelnum", "4", "--output_root", tmp_path, "--no_eval", *TINY]
-    run_script(TRAIN, *common, "--max_iterations", "2")
-    proc = run_script(TRAIN, *common, "--max_iterations", "3", "--resume", check=False)
+    run_main(TRAIN, *common, "--max_iterations", "2", check=True)
+    proc = run_main(TRAIN, *common, "--max_iterations", "3", "--resume")
     assert proc.returncode == 2 and "--max_iterations 2 -> 3" in proc.stderr
 
 
 def test_overwrite_keeps_the_old_run(synthetic_root, tmp_path):
     common = ["--root_path", synthetic_root, "--labelnum", "4", "--output_root", tmp_path, "--no_eval",
               "--max_iterations", "1", *TINY]
-    run_script(TRAIN, *common)
-    run_script(TRAIN, *common, "--overwrite")
+    run_main(TRAIN, *common, check=True)
+    run_main(TRAIN, *common, "--overwrite", check=True)
     siblings = [p.name for p in run_dir(tmp_path, 4).parent.iterdir()]
     assert "vnet" in siblings and any(name.startswith("vnet.old-") for name in siblings)
 
@@ -122,8 +122,8 @@ def check_step_flags(script, flags, synthetic_root, tmp_path, device):
     """Train ``script`` for 2 iterations with ``flags`` and evaluate it; the flags are recorded, the weights keep
     their usual keys (``nn.Module.compile`` adds no ``_orig_mod.``) and the evaluation is finite."""
     out = tmp_path / "model"
-    run_script(script, "--root_path", synthetic_root, "--output_root", out, "--labelnum", "4", "--max_iterations", "2",
-               *flags, *SCRIPT_FLAGS[script], *TINY, device=device)
+    run_main(script, "--root_path", synthetic_root, "--output_root", out, "--labelnum", "4", "--max_iterations", "2",
+             *flags, *SCRIPT_FLAGS[script], *TINY, device=device, check=True)
     run = next(out.glob("LA/*/*/config.json")).parent
     config = json.loads((run / "config.json").read_text())
     assert all(config["args"][flag[2:]] is True for flag in flags)

@@ -19,7 +19,7 @@ SAVE_INTERVAL = 5
 def environment(tmp_path, output, **extra):
     return {**os.environ, "DATA_ROOT": str(tmp_path / "no_data"), "SYNTHETIC_ROOT": str(tmp_path / "synthetic"),
             "SYNTHETIC_SHAPE": "48 48 32", "QUICK_PATCH": "32 32 16", "QUICK_ITERATIONS": str(ITERATIONS),
-            "METHODS": "supervised", "UPPER_BOUND": "0", "PLOTS": "0", "DEVICE": "cpu",
+            "QUICK_WIDTH": "4", "METHODS": "supervised", "UPPER_BOUND": "0", "PLOTS": "0", "DEVICE": "cpu",
             "EXTRA_ARGS": f"--save_interval {SAVE_INTERVAL} --progress 0", "OUTPUT_ROOT": str(tmp_path / output),
             **extra}
 
@@ -123,7 +123,8 @@ def test_a_second_reproduce_on_the_same_output_is_refused(reference):
 
 
 def test_a_signal_stops_every_parallel_job_and_the_next_call_continues_them(reference):
-    tmp_path, jobs = reference, {"JOBS": "2", "METHODS": "supervised mt"}
+    """Two jobs (the labelled-only run and the upper bound) stopped by a SIGTERM to reproduce.sh, then continued."""
+    tmp_path, jobs = reference, {"JOBS": "2", "UPPER_BOUND": "1"}
     run = run_folder(tmp_path, "parallel")
     status, out = kill_when(start(tmp_path, "parallel", **jobs), lambda: logged(run, 3), signal.SIGTERM, group=False)
     assert status == 143 and "stopped by a signal" in out, out

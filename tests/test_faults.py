@@ -8,13 +8,14 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import (CODE_DIR, REPO_ROOT, TINY, assert_one_line_error, assert_same_models, device_env,
-                      first_train_case, read_summary, rewrite_case, run_script, wait_for)
+                      first_train_case, read_summary, rewrite_case, run_main, run_script, wait_for)
 from utils.folder_lock import is_abandoned
 
 TRAIN = "train_supervised_3D.py"
@@ -54,7 +55,7 @@ def weights(path):
 def straight(synthetic_root, tmp_path_factory):
     """An uninterrupted deterministic 12-iteration run, the reference every interrupted run must match."""
     out = tmp_path_factory.mktemp("straight")
-    run_script(TRAIN, *common(synthetic_root, out, "--max_iterations", "12"))
+    run_main(TRAIN, *common(synthetic_root, out, "--max_iterations", "12"), check=True)
     return weights(run_dir(out) / "iter_12.pth")
 
 
@@ -62,8 +63,8 @@ def straight(synthetic_root, tmp_path_factory):
 def finished(synthetic_root, tmp_path_factory):
     """A finished and evaluated 2-iteration run; tests that change it work on a copy (``finished_copy``)."""
     out = tmp_path_factory.mktemp("finished")
-    run_script(TRAIN, "--root_path", synthetic_root, "--output_root", out, "--labelnum", "4", "--max_iterations",
-               "2", "--save_interval", "1", *TINY)
+    run_main(TRAIN, "--root_path", synthetic_root, "--output_root", out, "--labelnum", "4", "--max_iterations",
+             "2", "--save_interval", "1", *TINY, check=True)
     return run_dir(out)
 
 
@@ -89,10 +90,8 @@ def test_a_stop_signal_saves_the_iteration_prints_the_resume_command_and_exits_w
     assert torch.load(run / "latest.pth", weights_only=True)["iteration"] == stopped < 12
     assert f"stopped by {signal.Signals(signum).name} after iteration {stopped}; latest.pth is saved" in err
     command = shlex.split(err.strip().splitlines()[-1])
-    assert command[0] == "python" and command[-1] == "--resume"
-    resumed = subprocess.run([sys.executable, *command[1:]], cwd=REPO_ROOT, capture_output=True, text=True,
-                             env=device_env("cpu"))
-    assert resumed.returncode == 0, resumed.stderr
+    assert command[0] == "python" and Path(command[1]).name == TRAIN and command[-1] == "--resume"
+    run_main(TRAIN, *command[2:], cwd=REPO_ROOT, check=True)  # the command as printed (in this interpreter)
     assert_same_models(weights(run / "iter_12.pth"), straight)
 
 
@@ -113,7 +112,7 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(synthet
     proc.kill()
     proc.wait()
     assert not (run / "latest.pth").exists()
-    proc = run_script(TRAIN, *args, "--resume")
+    proc = run_main(TRAIN, *args, "--resume", check=True)
     assert "stopped before its first latest.pth; starting from iteration 0" in (run / "log.txt").read_text()
     assert_same_models(weights(run / "iter_12.pth"), straight)
 
@@ -147,10 +146,10 @@ def test_a_non_finite_loss_in_the_first_iteration_says_that_nothing_was_saved(da
 
 def test_accept_changes_continues_a_run_with_new_settings_and_records_them(synthetic_root, tmp_path):
     args = common(synthetic_root, tmp_path, "--save_interval", "1")
-    run_script(TRAIN, *args, "--max_iterations", "2")
-    assert_one_line_error(run_script(TRAIN, *args, "--max_iterations", "3", "--resume", check=False),
+    run_main(TRAIN, *args, "--max_iterations", "2", check=True)
+    assert_one_line_error(run_main(TRAIN, *args, "--max_iterations", "3", "--resume"),
                           "--max_iterations 2 -> 3", "--accept_changes")
-    run_script(TRAIN, *args, "--max_iterations", "3", "--resume", "--accept_changes")
+    run_main(TRAIN, *args, "--max_iterations", "3", "--resume", "--accept_changes", check=True)
     run = run_dir(tmp_path)
     config = json.loads((run / "config.json").read_text())
     assert config["args"]["max_iterations"] == 3 and config["changes"][0]["flags"] == {"max_iterations": [2, 3]}
@@ -165,7 +164,7 @@ def test_a_second_process_on_a_live_run_gets_one_line_naming_the_holder(syntheti
     try:
         wait_for_iteration(run, 2, proc)
         for extra in (["--resume"], ["--overwrite"]):
-            second = run_script(TRAIN, *args, *extra, check=False)
+            second = run_main(TRAIN, *args, *extra)
             assert_one_line_error(second, "is in use by pid", str(proc.pid))
         assert run.is_dir() and not list(run.parent.glob("vnet.old-*"))
         assert "Namespace(" in (run / "log.txt").read_text()
@@ -195,9 +194,8 @@ def flip_a_byte(path, offset_fraction=0.6):
 
 
 def resume_finished(run, root, *extra):
-    return run_script(TRAIN, "--root_path", root, "--output_root", run.parents[2],
-                      "--labelnum", "4", "--max_iterations", "2", "--save_interval", "1", *TINY, "--resume",
-                      *extra, check=False)
+    return run_main(TRAIN, "--root_path", root, "--output_root", run.parents[2], "--labelnum", "4",
+                    "--max_iterations", "2", "--save_interval", "1", *TINY, "--resume", *extra)
 
 
 def test_a_checkpoint_damaged_without_changing_its_size_is_refused(finished_copy, synthetic_root):
@@ -209,20 +207,20 @@ def test_a_checkpoint_damaged_without_changing_its_size_is_refused(finished_copy
     assert_one_line_error(proc, "latest.pth is damaged", "--overwrite")
     assert "weights_only=False" not in proc.stderr
     flip_a_byte(finished_copy / "iter_2.pth")
-    proc = run_script("test_3D.py", "--run", finished_copy, check=False)
+    proc = run_main("test_3D.py", "--run", finished_copy)
     assert_one_line_error(proc, "iter_2.pth is damaged", "latest.pth")
 
 
 def test_an_empty_checkpoint_is_one_line(finished_copy, synthetic_root):
     (finished_copy / "iter_2.pth").write_bytes(b"")
-    assert_one_line_error(run_script("test_3D.py", "--run", finished_copy, check=False), "is empty (0 bytes")
+    assert_one_line_error(run_main("test_3D.py", "--run", finished_copy), "is empty (0 bytes")
     (finished_copy / "latest.pth").write_bytes(b"")
     assert_one_line_error(resume_finished(finished_copy, synthetic_root), "latest.pth is empty")
 
 
 def test_a_file_that_is_not_a_checkpoint_never_relays_torchs_advice(finished_copy):
     torch.save({"models": {}, "format": 1, "thing": torch.nn.Identity()}, finished_copy / "odd.pth")
-    proc = run_script("test_3D.py", "--run", finished_copy, "--checkpoint", "odd.pth", check=False)
+    proc = run_main("test_3D.py", "--run", finished_copy, "--checkpoint", "odd.pth")
     assert_one_line_error(proc, "not written by this repository")
     assert "weights_only" not in proc.stderr
 
@@ -241,14 +239,14 @@ def test_test_3d_with_a_config_missing_arguments_names_them(finished_copy):
     config = json.loads((finished_copy / "config.json").read_text())
     del config["args"]["has_dropout"]
     (finished_copy / "config.json").write_text(json.dumps(config))
-    assert_one_line_error(run_script("test_3D.py", "--run", finished_copy, check=False), "lacks", "--has_dropout")
+    assert_one_line_error(run_main("test_3D.py", "--run", finished_copy), "lacks", "--has_dropout")
 
 
 def test_a_run_of_code_older_than_a_flag_is_read_with_the_value_it_was_trained_with(finished_copy):
     config = json.loads((finished_copy / "config.json").read_text())
     del config["args"]["n_filters"]  # runs made before --n_filters existed were all width 16
     (finished_copy / "config.json").write_text(json.dumps(config))
-    proc = run_script("test_3D.py", "--run", finished_copy, "--progress", "0")
+    proc = run_main("test_3D.py", "--run", finished_copy, "--progress", "0", check=True)
     assert "Dice" in proc.stdout
 
 
@@ -262,22 +260,21 @@ def test_a_run_of_code_older_than_a_flag_is_read_with_the_value_it_was_trained_w
 ])
 def test_impossible_evaluation_settings_are_one_line(finished, flags, fragment):
     before = sorted(p.name for p in finished.iterdir())
-    proc = run_script("test_3D.py", "--run", finished, *flags, check=False)
+    proc = run_main("test_3D.py", "--run", finished, *flags)
     assert_one_line_error(proc, fragment)
     assert sorted(p.name for p in finished.iterdir()) == before
 
 
 def test_a_missing_checkpoint_is_reported_in_the_run_folder(finished):
-    proc = run_script("test_3D.py", "--run", finished, "--checkpoint", "iter_5.pth", check=False)
+    proc = run_main("test_3D.py", "--run", finished, "--checkpoint", "iter_5.pth")
     assert_one_line_error(proc, f"not in {finished}", "iter_2.pth", "latest.pth")
 
 
 def test_a_window_the_networks_cannot_take_fails_before_the_first_case(synthetic_root, tmp_path):
-    run_script("train_ucseg_3D.py", "--root_path", synthetic_root, "--output_root", tmp_path, "--labelnum", "4",
-               "--max_iterations", "1", "--no_eval", *TINY, "--labeled_bs", "1")
+    run_main("train_ucseg_3D.py", "--root_path", synthetic_root, "--output_root", tmp_path, "--labelnum", "4",
+             "--max_iterations", "1", "--no_eval", *TINY, "--labeled_bs", "1", check=True)
     run = tmp_path / "LA" / "UCSeg_4" / "unet_3D_vnet"
-    proc = run_script("test_3D.py", "--run", run, "--patch_size", "48", "48", "16", "--stride_xy", "16",
-                      check=False)
+    proc = run_main("test_3D.py", "--run", run, "--patch_size", "48", "48", "16", "--stride_xy", "16")
     assert_one_line_error(proc, "48x48x16", "32x32x16")
     assert not any(p.name.startswith(("eval_", ".partial")) for p in run.iterdir())
 
@@ -292,7 +289,7 @@ def test_an_evaluation_killed_midway_leaves_no_folder_and_the_next_one_cleans_up
     proc.kill()
     proc.wait()
     assert sorted(p.name for p in run.glob("eval_*")) == ["eval_iter_2"]  # the training's own, nothing new
-    run_script("test_3D.py", "--run", run, "--progress", "0")
+    run_main("test_3D.py", "--run", run, "--progress", "0", check=True)
     assert not list(run.glob(".partial-eval-*"))
     assert read_summary(run / "eval_iter_2_2")["dice"] == read_summary(run / "eval_iter_2")["dice"]
 
@@ -312,8 +309,8 @@ def test_data_that_looks_wrong_is_named_once(dataset_copy, tmp_path):
     empty_test = case_path(dataset_copy, test_ids[0])
     rewrite_case(empty_test, image=rng.randn(40, 40, 24).astype(np.float32), label=np.zeros((40, 40, 24), np.uint8))
 
-    proc = run_script("train_mt_3D.py", "--root_path", dataset_copy, "--output_root", tmp_path, "--labelnum", "4",
-                      "--max_iterations", "1", *TINY, "--labeled_bs", "1")
+    proc = run_main("train_mt_3D.py", "--root_path", dataset_copy, "--output_root", tmp_path, "--labelnum", "4",
+                    "--max_iterations", "1", *TINY, "--labeled_bs", "1", check=True)
     log = (tmp_path / "LA" / "MT_4" / "vnet" / "log.txt").read_text()
     for text in ("1 of 8 cases of train.list do not look z-scored", train_ids[5],
                  "1 of the 4 labelled cases have an empty label", train_ids[1],
@@ -323,7 +320,7 @@ def test_data_that_looks_wrong_is_named_once(dataset_copy, tmp_path):
     assert f"cases with an empty ground truth ({test_ids[0]})" in log  # in the test line too
 
     run = tmp_path / "LA" / "MT_4" / "vnet"
-    proc = run_script("test_3D.py", "--run", run, "--progress", "0")
+    proc = run_main("test_3D.py", "--run", run, "--progress", "0", check=True)
     assert f"1 cases with an empty ground truth ({test_ids[0]})" in proc.stdout
     assert "empty ground truth" in proc.stderr  # warned before the evaluation as well
 
@@ -344,17 +341,17 @@ def test_an_error_in_a_loader_worker_is_one_line(dataset_copy, tmp_path):
 
 def test_resume_after_the_training_list_changed_is_refused(dataset_copy, tmp_path):
     args = common(dataset_copy, tmp_path, "--max_iterations", "2", "--save_interval", "1")
-    run_script(TRAIN, *args)
+    run_main(TRAIN, *args, check=True)
     assert json.loads((run_dir(tmp_path) / "config.json").read_text())["training_cases"][:1] == \
         (dataset_copy / "train.list").read_text().split()[:1]
     ids = (dataset_copy / "train.list").read_text().split()
     (dataset_copy / "train.list").write_text("\n".join(ids[1:] + ids[:1]) + "\n")  # other labelled cases
-    assert_one_line_error(run_script(TRAIN, *args, "--resume", check=False), "training list", "changed")
+    assert_one_line_error(run_main(TRAIN, *args, "--resume"), "training list", "changed")
 
 
 def test_test_3d_never_writes_outside_its_folder_for_a_case_id_with_a_separator(finished, dataset_copy):
     (dataset_copy / "test.list").write_text("../../outside\n")
-    proc = run_script("test_3D.py", "--run", finished, "--root_path", dataset_copy, "--save_nii", check=False)
+    proc = run_main("test_3D.py", "--run", finished, "--root_path", dataset_copy, "--save_nii")
     assert_one_line_error(proc, "'../../outside'", "not a plain name")
 
 

@@ -2,7 +2,7 @@
 protocol run the budget stops is saved and continued by the next call."""
 import torch
 
-from conftest import run_script
+from conftest import run_main, run_script
 from gpu_check import FLAG_VARIANTS, flag_lines, step_lines, step_variants
 
 
@@ -39,7 +39,7 @@ def test_the_flags_are_timed_on_cuda_and_tabulated():
     assert flag_lines(steps)[2:] == ["| (none) | 0.100 | 1.00x |", "| --amp | 0.050 | 0.50x |",
                                      "| --amp --compile | 0.040 | 0.40x |"]
     loaders = [{"method": "supervised", "one_worker": 0.26, "workers": 8, "seconds": 0.04}]
-    expected = "| supervised | 112x112x80, 4 | 0.100 | 0.050 | 0.260 | 0.040 (8) | 0.40 | 6 |"
+    expected = "| supervised | 112x112x80, 4 | 0.100 | 0.050 | 0.260 | 0.040 (8) | 0.4 | 6 |"
     assert step_lines(steps, loaders)[2] == expected
 
 
@@ -54,5 +54,5 @@ def test_a_protocol_run_stopped_by_the_budget_is_continued_by_the_next_call(synt
 
 
 def test_bad_settings_are_one_line(synthetic_root, tmp_path):
-    proc = run_script("gpu_check.py", "--root_path", tmp_path, "--device", "cpu", check=False)
+    proc = run_main("gpu_check.py", "--root_path", tmp_path, "--device", "cpu")
     assert proc.returncode == 2 and "no train.list" in proc.stderr and "Traceback" not in proc.stderr

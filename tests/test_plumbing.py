@@ -1,10 +1,13 @@
 """Sliding window, learning-rate schedules, EMA, checkpoints, RNG capture."""
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import REPO_ROOT
 from networks.vnet import VNet
 from utils.checkpoint import load_checkpoint, load_models, save_checkpoint
 from utils.ema import make_teacher, update_ema
@@ -184,6 +187,21 @@ def test_determinism_warnings_become_one_line_on_cuda_only():
         warnings.warn(message)
         warnings.warn("another warning")
         assert [str(w.message) for w in caught[1:]] == ["another warning"]
+
+
+def test_deterministic_mode_is_set_without_loading_the_compiler_until_compile_asks():
+    """``seed_everything`` sets PyTorch's deterministic flag (warn only) without importing ``torch._inductor`` (a
+    second of every start); ``--compile`` passes the flag on to inductor's copy."""
+    script = ("import sys; sys.path.insert(0, 'code'); import torch; from utils.runtime import seed_everything, "
+              "prepare_for_training; seed_everything(1, True); "
+              "assert torch.are_deterministic_algorithms_enabled(); "
+              "assert torch.is_deterministic_algorithms_warn_only_enabled(); "
+              "assert 'torch._inductor' not in sys.modules, 'inductor loaded'; "
+              "prepare_for_training({'net': torch.nn.Linear(2, 2)}, torch.device('cpu'), compile_models=True); "
+              "import torch._inductor.config as inductor; assert inductor.deterministic; "
+              "seed_everything(1, False); assert not torch.are_deterministic_algorithms_enabled()")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_channels_last_step_layout_keeps_the_numbers_and_the_state_dict():

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY, assert_one_line_error, kill_after_first_save, load_saved, read_summary, run_script
+from conftest import TINY, assert_one_line_error, kill_after_first_save, load_saved, read_summary, run_main
 from dataloaders.la_heart import read_list
 from dataloaders.registry import get_dataset_spec
 from dataloaders.training_data import build_training_data, split_training_cases
@@ -69,8 +69,8 @@ def test_every_method_gets_the_same_draw(synthetic_root):
     (["--val_interval", "2"], "hold cases of the training list out with --val_num K"),
 ])
 def test_impossible_protocol_options_are_one_line(synthetic_root, tmp_path, flags, fragment):
-    proc = run_script("train_mt_3D.py", "--root_path", synthetic_root, "--output_root", tmp_path / "model",
-                      "--labelnum", "2", "--max_iterations", "1", "--labeled_bs", "1", *TINY, *flags, check=False)
+    proc = run_main("train_mt_3D.py", "--root_path", synthetic_root, "--output_root", tmp_path / "model",
+                    "--labelnum", "2", "--max_iterations", "1", "--labeled_bs", "1", *TINY, *flags)
     assert_one_line_error(proc, fragment)
     assert not (tmp_path / "model").exists()
 
@@ -83,7 +83,7 @@ def supervised_args(synthetic_root, output_root, *flags):
 
 def supervised_run(synthetic_root, output_root, *flags):
     """The folder of the run of :func:`supervised_args`, trained."""
-    run_script("train_supervised_3D.py", *supervised_args(synthetic_root, output_root, *flags))
+    run_main("train_supervised_3D.py", *supervised_args(synthetic_root, output_root, *flags), check=True)
     return output_root / "LA" / "Supervised_3" / "vnet"
 
 
@@ -94,8 +94,14 @@ def validation_lines(run):
             for line in lines}
 
 
-def test_the_best_validated_weights_are_kept_and_evaluated_beside_the_final_ones(synthetic_root, tmp_path):
-    run = supervised_run(synthetic_root, tmp_path / "model")
+@pytest.fixture(scope="module")
+def validated(synthetic_root, tmp_path_factory):
+    """The run of :func:`supervised_args`, trained and evaluated once for the tests that read it."""
+    return supervised_run(synthetic_root, tmp_path_factory.mktemp("validated") / "model")
+
+
+def test_the_best_validated_weights_are_kept_and_evaluated_beside_the_final_ones(synthetic_root, validated):
+    run = validated
     config = json.loads((run / "config.json").read_text())
     train_ids = read_list(synthetic_root / "train.list")
     labelled, _, validation = split_training_cases(train_ids, 3, label_seed=7, val_num=2)
@@ -113,12 +119,12 @@ def test_the_best_validated_weights_are_kept_and_evaluated_beside_the_final_ones
     assert final["num_cases"] == selected["num_cases"] == 2
 
 
-def test_a_killed_run_keeps_the_same_best_validated_weights(synthetic_root, tmp_path):
-    straight = supervised_run(synthetic_root, tmp_path / "straight", "--no_eval")
+def test_a_killed_run_keeps_the_same_best_validated_weights(synthetic_root, validated, tmp_path):
+    straight = validated
     args = supervised_args(synthetic_root, tmp_path / "killed", "--save_interval", "3", "--no_eval")
     latest = kill_after_first_save("train_supervised_3D.py", args, tmp_path / "killed" / "LA" / "Supervised_3" / "vnet")
     assert load_saved(latest)["iteration"] < 6, "the run finished before it could be killed"
-    run_script("train_supervised_3D.py", *args, "--resume")
+    run_main("train_supervised_3D.py", *args, "--resume", check=True)
     expected, actual = load_saved(straight / "best_val.pth"), load_saved(latest.parent / "best_val.pth")
     assert (expected["iteration"], expected["val_dice"]) == (actual["iteration"], actual["val_dice"])
     for key, value in expected["models"]["model"].items():

@@ -12,7 +12,7 @@ from utils import cli
 
 README = REPO_ROOT / "README.md"
 # added to a README command that trains, so that it runs in seconds and writes only under the test's folder
-TINY_RUN = ["--max_iterations", "2", "--progress", "0", "--num_workers", "0"]
+TINY_RUN = ["--max_iterations", "2", "--n_filters", "4", "--progress", "0", "--num_workers", "0"]
 
 
 def readme_commands():

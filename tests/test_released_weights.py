@@ -5,7 +5,7 @@ import torch
 
 import train_dtc_3D
 import train_supervised_3D
-from conftest import assert_one_line_error, read_summary, run_script
+from conftest import assert_one_line_error, read_summary, run_main
 from test_released import load_released
 from utils.errors import UserError
 
@@ -61,12 +61,12 @@ def test_a_file_of_another_architecture_is_one_line(tmp_path):
 def test_released_weights_are_evaluated_like_our_runs(tmp_path, synthetic_root):
     _, path = released_file(tmp_path, train_dtc_3D, DTC_NAMES)
     out = tmp_path / "evaluated"
-    run_script("test_released.py", "--weights", path, "--arch", "dtc", "--root_path", synthetic_root, "--out", out,
-               "--patch_size", "32", "32", "16", "--stride_xy", "16", "--stride_z", "8", "--progress", "0")
+    run_main("test_released.py", "--weights", path, "--arch", "dtc", "--root_path", synthetic_root, "--out", out,
+             "--patch_size", "32", "32", "16", "--stride_xy", "16", "--stride_z", "8", "--progress", "0", check=True)
     summary = read_summary(out / "eval_best_model")
     assert summary["num_cases"] == 2 and summary["protocol"]["arch"] == "dtc"
     assert summary["protocol"]["checkpoint"] == "best_model.pth" and summary["protocol"]["stride_xy"] == 16
     (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
-    proc = run_script("test_released.py", "--weights", tmp_path / "garbage.pth", "--arch", "vnet", "--root_path",
-                      synthetic_root, check=False)
+    proc = run_main("test_released.py", "--weights", tmp_path / "garbage.pth", "--arch", "vnet", "--root_path",
+                    synthetic_root)
     assert_one_line_error(proc, "cannot be read as plain tensors")

@@ -13,9 +13,10 @@ METHOD_NAMES = ("Supervised V-Net", "Mean teacher", "UA-MT", "DTC", "CPS", "UG-M
 
 
 def reproduce(tmp_path, **env):
-    """``bash reproduce.sh`` without data (the synthetic quick path), tiny and writing only under tmp_path."""
+    """``bash reproduce.sh`` without data (the synthetic quick path), tiny (networks of width 4) and writing only
+    under tmp_path."""
     settings = {"DATA_ROOT": str(tmp_path / "no_data"), "SYNTHETIC_ROOT": str(tmp_path / "synthetic"),
-                "SYNTHETIC_SHAPE": "48 48 32", "QUICK_PATCH": "32 32 16", "QUICK_ITERATIONS": "2",
+                "SYNTHETIC_SHAPE": "48 48 32", "QUICK_PATCH": "32 32 16", "QUICK_ITERATIONS": "2", "QUICK_WIDTH": "4",
                 "OUTPUT_ROOT": str(tmp_path / "runs"), "DEVICE": "cpu", **env}
     return subprocess.run(["bash", str(REPO_ROOT / "reproduce.sh")], cwd=tmp_path, capture_output=True,
                           encoding="utf-8", errors="replace", env={**os.environ, **settings}, timeout=1200)
@@ -76,16 +77,17 @@ def first_tables(tmp_path, output="runs"):
 
 
 def test_jobs_run_in_parallel_and_give_the_sequential_table(quick, tmp_path):
-    """Two methods and the upper bound, two at a time: their rows are the sequential call's, case for case."""
+    """The labelled-only run and the upper bound, two at a time: their rows are the sequential call's, case for
+    case."""
     sequential, _ = quick
-    proc = reproduce(tmp_path, JOBS="2", PLOTS="0", METHODS="supervised mt")
+    proc = reproduce(tmp_path, JOBS="2", PLOTS="0", METHODS="supervised")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert proc.stdout.count(": started") == 3 and proc.stdout.count(": done") == 3
-    assert "[3/3] supervised 16 1337: started" in proc.stdout
+    assert proc.stdout.count(": started") == 2 and proc.stdout.count(": done") == 2
+    assert "[2/2] supervised 16 1337: started" in proc.stdout
     logs = sorted(p.name for p in (tmp_path / "runs" / "logs").iterdir())
-    assert logs == ["mt_4_seed1337.log", "supervised_16_seed1337.log", "supervised_4_seed1337.log"]
+    assert logs == ["supervised_16_seed1337.log", "supervised_4_seed1337.log"]
     ours = first_tables(tmp_path)
-    assert len(ours) == 5  # three rows; MT's and the all-labels run's paired comparisons
+    assert len(ours) == 3  # two rows; the all-labels run's paired comparison
     assert set(ours) <= set(first_tables(sequential))
     workers = {json.loads(config.read_text())["args"]["num_workers"]
                for config in (tmp_path / "runs").glob("*/*/*/config.json")}

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import train_ucseg_3D as ucseg
-from conftest import (REAL_LA, REAL_LA_ABSENT, TINY, assert_same_models, kill_after_first_save, load_saved,
-                      read_summary, run_script)
+from conftest import (REAL_LA, REAL_LA_ABSENT, TINY, assert_one_line_error, assert_same_models, kill_after_first_save,
+                      load_saved, read_summary, run_main)
 from dataloaders.la_heart import LAHeart
 from dataloaders.transforms import CenterCrop
 from networks.memory_queue import ClassMemoryQueue
@@ -294,8 +294,8 @@ def test_pass_by_pass_backward_gives_the_gradients_of_the_whole_loss(recomputed)
 # -- the script ----------------------------------------------------------------------------------------------
 def test_script_trains_evaluates_and_test_3d_reproduces(synthetic_root, tmp_path, device):
     out = tmp_path / "model"
-    run_script(SCRIPT, "--root_path", synthetic_root, "--output_root", out, "--labelnum", "4", "--labeled_bs", "1",
-               "--max_iterations", "2", "--mix_start", "1", *TINY, cwd=tmp_path, device=device)
+    run_main(SCRIPT, "--root_path", synthetic_root, "--output_root", out, "--labelnum", "4", "--labeled_bs", "1",
+             "--max_iterations", "2", "--mix_start", "1", *TINY, cwd=tmp_path, device=device, check=True)
     run = out / RUN
     config = json.loads((run / "config.json").read_text())
     assert config["script"] == "train_ucseg_3D" and config["args"]["lr_schedule"] == "linear"
@@ -306,7 +306,7 @@ def test_script_trains_evaluates_and_test_3d_reproduces(synthetic_root, tmp_path
         assert f"{term}: " in log, term
     trained = read_summary(run / "eval_iter_2_nms")
     assert trained["protocol"]["nms"] is True
-    run_script("test_3D.py", "--run", run, "--progress", "0", cwd=tmp_path, device=device)
+    run_main("test_3D.py", "--run", run, "--progress", "0", cwd=tmp_path, device=device, check=True)
     tested = read_summary(run / "eval_iter_2_nms_2")
     for metric in ("dice", "jaccard", "hd95", "asd"):
         assert tested[metric] == trained[metric]
@@ -316,12 +316,12 @@ def test_killed_run_resumes_to_the_same_weights_and_queues(synthetic_root, tmp_p
     """Killed after a save before the last iteration, resumed into mixing iterations: same weights, BN statistics,
     queues. Four iterations leave room for a kill that lands late on a loaded machine."""
     common = ["--root_path", synthetic_root, "--labelnum", "4", "--labeled_bs", "1", "--max_iterations", "4",
-              "--save_interval", "1", "--mix_start", "1", "--no_eval", *TINY]
-    run_script(SCRIPT, *common, "--output_root", tmp_path / "straight", device=device)
+              "--save_interval", "1", "--mix_start", "1", "--no_eval", "--n_filters", "4", *TINY]
+    run_main(SCRIPT, *common, "--output_root", tmp_path / "straight", device=device, check=True)
     killed = ["--output_root", tmp_path / "killed", *common]
     latest = kill_after_first_save(SCRIPT, killed, tmp_path / "killed" / RUN, device=device)
     assert load_saved(latest)["iteration"] < 4, "the run finished before it could be killed"
-    run_script(SCRIPT, *killed, "--resume", device=device)
+    run_main(SCRIPT, *killed, "--resume", device=device, check=True)
     straight = load_saved(tmp_path / "straight" / RUN / "iter_4.pth")["models"]
     resumed = load_saved(latest.parent / "iter_4.pth")["models"]
     assert set(straight) == {"net1", "net2", "upg", "queues"} and "net2_level5.entries" in straight["queues"]
@@ -329,10 +329,10 @@ def test_killed_run_resumes_to_the_same_weights_and_queues(synthetic_root, tmp_p
 
 
 def test_impossible_flag_is_a_one_line_error(synthetic_root, tmp_path):
-    proc = run_script(SCRIPT, "--root_path", synthetic_root, "--output_root", tmp_path, "--labeled_bs", "1",
-                      *TINY, "--upg_patch", "32", check=False)
-    assert proc.returncode == 2 and "each size must be a multiple of --upg_patch 32" in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "LA").exists()
+    proc = run_main(SCRIPT, "--root_path", synthetic_root, "--output_root", tmp_path, "--labeled_bs", "1", *TINY,
+                    "--upg_patch", "32")
+    assert_one_line_error(proc, "each size must be a multiple of --upg_patch 32")
+    assert not (tmp_path / "LA").exists()
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import train_ugmcl_3D as ugmcl
-from conftest import (REAL_LA, REAL_LA_ABSENT, TINY, assert_same_models, kill_after_first_save, load_saved,
-                      read_summary, run_script)
+from conftest import (REAL_LA, REAL_LA_ABSENT, TINY, assert_one_line_error, assert_same_models, kill_after_first_save,
+                      load_saved, read_summary, run_main)
 from dataloaders.la_heart import LAHeart
 from dataloaders.registry import get_dataset_spec
 from dataloaders.training_data import build_training_data
@@ -155,8 +155,8 @@ def test_sdf_loss_variants():
 
 def test_script_trains_evaluates_and_test_3d_reproduces(synthetic_root, tmp_path, device):
     out = tmp_path / "model"
-    run_script(SCRIPT, "--root_path", synthetic_root, "--output_root", out, "--labelnum", "4",
-               "--labeled_bs", "1", "--max_iterations", "3", "--mc_samples", "2", *TINY, cwd=tmp_path, device=device)
+    run_main(SCRIPT, "--root_path", synthetic_root, "--output_root", out, "--labelnum", "4", "--labeled_bs", "1",
+             "--max_iterations", "3", "--mc_samples", "2", *TINY, cwd=tmp_path, device=device, check=True)
     run = out / "LA/UGMCL_4" / "vnet_sdf"
     config = json.loads((run / "config.json").read_text())
     assert config["script"] == "train_ugmcl_3D" and config["args"]["beta"] == 0.75
@@ -166,7 +166,7 @@ def test_script_trains_evaluates_and_test_3d_reproduces(synthetic_root, tmp_path
     assert "4 labelled + 4 unlabelled cases" in log
     trained = read_summary(run / "eval_iter_3_nms")
     assert trained["protocol"]["nms"] is True
-    run_script("test_3D.py", "--run", run, "--progress", "0", cwd=tmp_path, device=device)
+    run_main("test_3D.py", "--run", run, "--progress", "0", cwd=tmp_path, device=device, check=True)
     tested = read_summary(run / "eval_iter_3_nms_2")
     for metric in ("dice", "jaccard", "hd95", "asd"):
         assert tested[metric] == trained[metric]
@@ -174,12 +174,12 @@ def test_script_trains_evaluates_and_test_3d_reproduces(synthetic_root, tmp_path
 
 def test_killed_run_resumes_to_the_same_student_and_teacher(synthetic_root, tmp_path, device):
     common = ["--root_path", synthetic_root, "--labelnum", "4", "--labeled_bs", "1", "--max_iterations", "6",
-              "--save_interval", "2", "--mc_samples", "2", "--no_eval", *TINY]
-    run_script(SCRIPT, *common, "--output_root", tmp_path / "straight", device=device)
+              "--save_interval", "2", "--mc_samples", "2", "--no_eval", "--n_filters", "4", *TINY]
+    run_main(SCRIPT, *common, "--output_root", tmp_path / "straight", device=device, check=True)
     killed = ["--output_root", tmp_path / "killed", *common]
     latest = kill_after_first_save(SCRIPT, killed, tmp_path / "killed/LA/UGMCL_4/vnet_sdf", device=device)
     assert load_saved(latest)["iteration"] < 6
-    run_script(SCRIPT, *killed, "--resume", device=device)
+    run_main(SCRIPT, *killed, "--resume", device=device, check=True)
     straight = load_saved(tmp_path / "straight/LA/UGMCL_4/vnet_sdf/iter_6.pth")["models"]
     resumed = load_saved(latest.parent / "iter_6.pth")["models"]
     assert set(straight) == {"model", "ema_model"}
@@ -194,10 +194,10 @@ def test_killed_run_resumes_to_the_same_student_and_teacher(synthetic_root, tmp_
     (["--labelnum", "8"], "--labelnum 8 is larger than train.list allows"),
 ])
 def test_impossible_settings_are_one_line_errors(synthetic_root, tmp_path, flags, message):
-    proc = run_script(SCRIPT, "--root_path", synthetic_root, "--output_root", tmp_path, "--labeled_bs", "1",
-                      *TINY, *flags, check=False)
-    assert proc.returncode == 2 and message in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "LA").exists()
+    proc = run_main(SCRIPT, "--root_path", synthetic_root, "--output_root", tmp_path, "--labeled_bs", "1", *TINY,
+                    *flags)
+    assert_one_line_error(proc, message)
+    assert not (tmp_path / "LA").exists()
 
 
 @pytest.mark.skipif(REAL_LA is None, reason=REAL_LA_ABSENT)

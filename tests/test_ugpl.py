@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import train_ugpl_3D as ugpl
-from conftest import (REAL_LA, REAL_LA_ABSENT, TINY, assert_same_models, kill_after_first_save, load_saved,
-                      read_summary, run_script)
+from conftest import (REAL_LA, REAL_LA_ABSENT, TINY, assert_one_line_error, assert_same_models, kill_after_first_save,
+                      load_saved, read_summary, run_main)
 from dataloaders.la_heart import LAHeart
 from dataloaders.transforms import CenterCrop
 from networks.net_factory_3d import net_factory_3d
@@ -186,8 +186,8 @@ def test_pseudo_label_loss_rescales_by_the_kept_fraction_and_ignores_the_rest():
 
 def train(synthetic_root, out, *flags, device="cpu"):
     """Two iterations of the script on the tiny synthetic data, on ``device``; the run directory."""
-    run_script(SCRIPT, "--root_path", synthetic_root, "--output_root", out, "--labelnum", "4",
-               "--labeled_bs", "1", "--max_iterations", "2", *TINY, *flags, cwd=out.parent, device=device)
+    run_main(SCRIPT, "--root_path", synthetic_root, "--output_root", out, "--labelnum", "4",
+             "--labeled_bs", "1", "--max_iterations", "2", *TINY, *flags, cwd=out.parent, device=device, check=True)
     return out / "LA/UGPL_4/resnet_vnet"
 
 
@@ -201,7 +201,7 @@ def test_script_trains_evaluates_and_test_3d_reproduces(synthetic_root, tmp_path
         assert f"{term}: " in log
     assert "kept_fraction: 1.000000" not in log
     trained = read_summary(run / "eval_iter_2")
-    run_script("test_3D.py", "--run", run, "--progress", "0", cwd=tmp_path, device=device)
+    run_main("test_3D.py", "--run", run, "--progress", "0", cwd=tmp_path, device=device, check=True)
     tested = read_summary(run / "eval_iter_2_2")
     for metric in ("dice", "jaccard", "hd95", "asd"):
         assert tested[metric] == trained[metric]
@@ -235,12 +235,12 @@ def test_killed_run_resumes_to_the_same_weights(synthetic_root, tmp_path, device
     """Both networks, both optimisers and the batch-norm statistics continue exactly after a kill. Four
     iterations leave room for a kill that lands late on a loaded machine."""
     common = ["--root_path", synthetic_root, "--labelnum", "4", "--labeled_bs", "1", "--max_iterations", "4",
-              "--save_interval", "1", "--no_eval", *TINY]
-    run_script(SCRIPT, *common, "--output_root", tmp_path / "straight", device=device)
+              "--save_interval", "1", "--no_eval", "--n_filters", "4", *TINY]
+    run_main(SCRIPT, *common, "--output_root", tmp_path / "straight", device=device, check=True)
     killed = ["--output_root", tmp_path / "killed", *common]
     latest = kill_after_first_save(SCRIPT, killed, tmp_path / "killed" / "LA/UGPL_4/resnet_vnet", device=device)
     assert load_saved(latest)["iteration"] < 4, "the run finished before it could be killed"
-    run_script(SCRIPT, *killed, "--resume", device=device)
+    run_main(SCRIPT, *killed, "--resume", device=device, check=True)
     straight = load_saved(tmp_path / "straight/LA/UGPL_4/resnet_vnet/iter_4.pth")["models"]
     resumed = load_saved(latest.parent / "iter_4.pth")["models"]
     assert set(straight) == {"subnet_a", "subnet_b"}
@@ -255,10 +255,10 @@ def test_script_code_faithful_runs_with_the_filter_off(synthetic_root, tmp_path)
 
 
 def test_patch_size_the_resnet_cannot_take_is_a_one_line_error(synthetic_root, tmp_path):
-    proc = run_script(SCRIPT, "--root_path", synthetic_root, "--output_root", tmp_path, "--labelnum", "4",
-                      "--labeled_bs", "1", *TINY, "--patch_size", "24", "24", "16", check=False)
-    assert proc.returncode == 2 and "each size must be a positive multiple of 16" in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "LA").exists()
+    proc = run_main(SCRIPT, "--root_path", synthetic_root, "--output_root", tmp_path, "--labelnum", "4",
+                    "--labeled_bs", "1", *TINY, "--patch_size", "24", "24", "16")
+    assert_one_line_error(proc, "each size must be a positive multiple of 16")
+    assert not (tmp_path / "LA").exists()
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -219,21 +219,29 @@ class TrainingRun:
             raise UserError("--compile is for CUDA devices (on the CPU compiling takes minutes and is untested "
                             "here); drop it on the CPU")
         check_evaluation_dependencies()
-        self._lock = self._prepare_directory()
-        self.logger = _make_logger(self.dir / "log.txt")
-        self._write_config()
-        seed_everything(args.seed, bool(args.deterministic))
-        self.writer = _make_writer(self.dir / "log", self.logger)
-        self.logger.info(str(args), extra={"console": False})  # every setting, in log.txt (config.json has them too)
-        determinism_note = quiet_determinism_warnings(self.device, args.deterministic)
-        if determinism_note:
-            self.logger.info(determinism_note)
         self._bar = None
         self._validation = None
         self._best = _UNREAD
         self._stop_signal = None
         self._saved_iteration = None
         self._last_save_time = time.monotonic()
+        self._lock = self._prepare_directory()
+        try:
+            self._open()
+        except BaseException:  # refused settings, a failed write: the folder is free at once, not at exit
+            self._lock.release()
+            raise
+
+    def _open(self):
+        """Open the logs, write or check ``config.json``, seed everything (the folder is locked)."""
+        self.logger = _make_logger(self.dir / "log.txt")
+        self._write_config()
+        seed_everything(self.args.seed, bool(self.args.deterministic))
+        self.writer = _make_writer(self.dir / "log", self.logger)
+        self.logger.info(str(self.args), extra={"console": False})  # every setting, in log.txt (and config.json)
+        determinism_note = quiet_determinism_warnings(self.device, self.args.deterministic)
+        if determinism_note:
+            self.logger.info(determinism_note)
 
     # -- directory and configuration -------------------------------------------------------------------
     def _holds_anything(self):
@@ -619,8 +627,8 @@ class TrainingRun:
     def finish(self, predict, models, test_dataset, num_classes):
         """Close the logs and evaluate the final weights on the test list (unless ``--no_eval``), then the weights
         that validation selected (``best_val.pth``, when ``--val_interval`` kept one), each into its own
-        ``eval_*`` folder. A signal now stops the evaluation at once: the weights are saved, and ``test_3D.py``
-        evaluates them."""
+        ``eval_*`` folder; then free the folder's lock. A signal now stops the evaluation at once: the weights
+        are saved, and ``test_3D.py`` evaluates them."""
         install_stop_handlers()
         self._close_bar()
         self.logger.info(f"training finished at iteration {self.args.max_iterations}; weights in {self.dir}")
@@ -638,6 +646,7 @@ class TrainingRun:
                                selection_record(state))
         if self.writer is not None:
             self.writer.close()
+        self._lock.release()
         return summary
 
     def _evaluate(self, predict, models, test_dataset, num_classes, checkpoint, iteration, extra=None):

@@ -43,8 +43,16 @@ def seed_everything(seed, deterministic=True):
     torch.backends.cudnn.deterministic = bool(deterministic)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(bool(deterministic), warn_only=True)
+    use_deterministic_algorithms(deterministic)
     torch.utils.deterministic.fill_uninitialized_memory = False
+
+
+def use_deterministic_algorithms(deterministic):
+    """``torch.use_deterministic_algorithms(deterministic, warn_only=True)`` without loading the compiler: that call
+    imports ``torch._inductor`` (1.4-1.9 s at the start of a script on our CPU, docs/benchmarks.md section 6) only
+    to copy the flag into inductor's config, which matters to compiled networks alone; :func:`prepare_for_training`
+    makes the public call when ``--compile`` loads inductor anyway."""
+    torch._C._set_deterministic_algorithms(bool(deterministic), warn_only=True)
 
 
 # --num_workers auto: at most this many workers on a GPU machine (docs/benchmarks.md: what each method needs)
@@ -89,6 +97,9 @@ def prepare_for_training(models, device, channels_last=False, compile_models=Fal
     ``--channels_last`` converts their 5-D weights to the channels-last-3d layout (batches follow in
     :func:`to_step_layout`), ``--compile`` compiles their forward passes (``nn.Module.compile``: the state
     dicts keep their keys, so checkpoints are unchanged). Both change the numbers only by float rounding."""
+    if compile_models:  # the compiler follows the deterministic setting through its own copy of the flag
+        torch.use_deterministic_algorithms(torch.are_deterministic_algorithms_enabled(),
+                                           warn_only=torch.is_deterministic_algorithms_warn_only_enabled())
     for model in models.values():
         if channels_last:
             to_channels_last(model)
