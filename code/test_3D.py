@@ -24,13 +24,13 @@ import torch  # noqa: E402
 
 from dataloaders.registry import get_dataset_spec  # noqa: E402
 from dataloaders.training_data import evaluation_warnings  # noqa: E402
-from utils.args import RUNTIME_FLAGS, stored_args  # noqa: E402
+from utils.args import RUNTIME_FLAGS, add_evaluation_args, stored_args  # noqa: E402
 from utils.checkpoint import load_checkpoint, load_models, other_checkpoints  # noqa: E402
 from utils.cli import ArgumentParser, resolve_path, run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.evaluation import (check_evaluation_dependencies, evaluate, format_summary,  # noqa: E402
                               prepare_for_inference, selection_record)
-from utils.run import snapshot_name  # noqa: E402
+from utils.run_files import snapshot_name  # noqa: E402
 from utils.runtime import select_device  # noqa: E402
 from utils.sliding_window import check_window  # noqa: E402
 
@@ -43,7 +43,6 @@ def get_parser():
     parser.add_argument("--root_path", default=None, help="data root (default: the run's)")
     parser.add_argument("--split", default="test",
                         help="split to evaluate: test, train, or val for BraTS2019 (default: test)")
-    parser.add_argument("--cases", nargs="+", default=None, help="evaluate only these case ids")
     parser.add_argument("--patch_size", type=int, nargs=3, default=None, help="default: the run's training patch")
     parser.add_argument("--stride_xy", type=int, default=None,
                         help="default: the run's (the dataset's unless given: LA 18, Pancreas 16, BraTS2019 64)")
@@ -51,12 +50,7 @@ def get_parser():
                         help="default: the run's (the dataset's unless given: LA 4, Pancreas 16, BraTS2019 64)")
     parser.add_argument("--nms", type=int, choices=(0, 1), default=None,
                         help="keep the largest connected component (default: the run's setting)")
-    parser.add_argument("--sw_batch_size", type=int, default=4, help="windows per forward pass (default: 4)")
-    parser.add_argument("--spacing", type=float, nargs=3, default=None,
-                        help="voxel spacing for HD95/ASD in mm (default: voxel units, as the papers)")
-    parser.add_argument("--save_nii", action="store_true", help="also write predictions as NIfTI")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    parser.add_argument("--progress", type=int, choices=(0, 1), default=1)
+    add_evaluation_args(parser)
     return parser
 
 

@@ -33,6 +33,7 @@ import torch  # noqa: E402
 from dataloaders.registry import get_dataset_spec  # noqa: E402
 from dataloaders.training_data import evaluation_warnings  # noqa: E402
 from test_3D import check_settings, check_window_fits  # noqa: E402
+from utils.args import add_evaluation_args  # noqa: E402
 from utils.cli import ArgumentParser, output_path, resolve_path, run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.evaluation import evaluate, format_summary, prepare_for_inference  # noqa: E402
@@ -56,7 +57,6 @@ def get_parser():
     parser.add_argument("--dataset", default="LA", help="LA, Pancreas or BraTS2019 (default: LA)")
     parser.add_argument("--root_path", default=None, help="data root (default: the dataset's folder under data/)")
     parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
-    parser.add_argument("--cases", nargs="+", default=None, help="evaluate only these case ids")
     parser.add_argument("--patch_size", type=int, nargs=3, default=None,
                         help="sliding window (default: the dataset's training patch, 112 112 80 for LA)")
     parser.add_argument("--stride_xy", type=int, default=None, help="default: the dataset's (LA 18)")
@@ -64,14 +64,9 @@ def get_parser():
     parser.add_argument("--nms", type=int, choices=(0, 1), default=0,
                         help="keep the largest connected component (default: 0, our protocol; the anchors' "
                              "test scripts differ, see docs/methods/)")
-    parser.add_argument("--sw_batch_size", type=int, default=4, help="windows per forward pass (default: 4)")
-    parser.add_argument("--spacing", type=float, nargs=3, default=None,
-                        help="voxel spacing for HD95/ASD in mm (default: voxel units, as the papers)")
-    parser.add_argument("--save_nii", action="store_true", help="also write predictions as NIfTI")
     parser.add_argument("--out", default=None,
                         help="folder for the evaluation (default: model/released/<folder of the weights>)")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    parser.add_argument("--progress", type=int, choices=(0, 1), default=1)
+    add_evaluation_args(parser)
     return parser
 
 

@@ -33,6 +33,7 @@ if CODE_DIR not in sys.path:
 from utils.atomic import write_atomically  # noqa: E402
 from utils.cli import ArgumentParser, output_path, resolve_path, run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
+from utils.run_files import BEST_VAL  # noqa: E402
 from report.paired import BOOTSTRAP_RESAMPLES, compare, paired_differences  # noqa: E402
 
 FAILED = "failed / not evaluated"
@@ -41,7 +42,6 @@ METRIC_COLUMNS = (("dice", "Dice (%)", 100), ("jaccard", "Jaccard (%)", 100), ("
                   ("asd", "ASD", 1))
 SUMMARY_KEYS = ("dice", "jaccard", "hd95", "asd", "num_cases", "protocol")
 PROTOCOL_KEYS = ("checkpoint", "patch_size", "stride_xy", "stride_z", "nms")
-BEST_VAL = "best_val.pth"  # utils.run.BEST_VAL: the weights selected on the validation cases
 
 
 @dataclass(frozen=True)

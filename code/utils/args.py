@@ -292,3 +292,17 @@ def check_labelnum(args, num_train, semi_supervised=True):
         leftover = " and leave unlabelled cases" if semi_supervised else ""
         raise UserError(f"--labelnum {args.labelnum} is larger than train.list allows ({num_train} cases"
                         f"{held_out}{leftover}; at most {limit})")
+
+
+def add_evaluation_args(parser):
+    """The flags that ``test_3D.py`` and ``test_released.py`` share, with the same meaning and defaults: which
+    cases, windows per forward pass, the spacing of the distance metrics, NIfTI output, device and progress bar.
+    (The window itself, ``--patch_size``, the strides and ``--nms``, defaults to the run's settings in one and
+    to the dataset's in the other, so each script defines those.)"""
+    parser.add_argument("--cases", nargs="+", default=None, help="evaluate only these case ids")
+    parser.add_argument("--sw_batch_size", type=int, default=4, help="windows per forward pass (default: 4)")
+    parser.add_argument("--spacing", type=float, nargs=3, default=None,
+                        help="voxel spacing for HD95/ASD in mm (default: voxel units, as the papers)")
+    parser.add_argument("--save_nii", action="store_true", help="also write predictions as NIfTI")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--progress", type=int, choices=(0, 1), default=1, help="a progress bar (default: 1)")

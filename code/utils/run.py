@@ -47,13 +47,12 @@ from utils.evaluation import (check_evaluation_dependencies, eval_mode, evaluate
                               prepare_for_inference, selection_record, validation_dice)
 from utils.folder_lock import LOCK_FILE, FolderLock
 from utils.lr_schedule import lr_at, set_lr
+from utils.run_files import BEST_VAL, LATEST, snapshot_name
 from utils.runtime import (autocast, capture_rng_state, prepare_for_training, quiet_determinism_warnings,
                            restore_rng_state, seed_everything, select_device, to_step_layout)
 
 LOG_FORMAT = "[%(asctime)s.%(msecs)03d] %(message)s"
 LOG_DATEFMT = "%H:%M:%S"
-LATEST = "latest.pth"
-BEST_VAL = "best_val.pth"  # the weights with the best validation Dice (--val_interval)
 PREFETCH_BATCHES = 4  # per loader worker (PyTorch's default is 2)
 _UNREAD = object()  # TrainingRun._best before best_val.pth was looked at
 
@@ -61,10 +60,6 @@ _UNREAD = object()  # TrainingRun._best before best_val.pth was looked at
 def run_directory(args):
     """``<output_root>/{exp}_{labelnum}/{model}``."""
     return Path(args.output_root) / f"{args.exp}_{args.labelnum}" / args.model
-
-
-def snapshot_name(iteration):
-    return f"iter_{iteration}.pth"
 
 
 def _git(*cmd):
