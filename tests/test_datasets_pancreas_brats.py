@@ -336,7 +336,7 @@ def test_brats_bad_raw_case_is_one_line_naming_it(problem, fragment, tmp_path):
     if bad_seg is not None:
         write_nifti(src / "HGG" / BRATS_IDS[2] / f"{BRATS_IDS[2]}_seg.nii.gz", bad_seg, affine((1.0, 1.0, 1.0)))
     line = one_line_error(brats_main, ["--src", src, "--out", tmp_path / "out", "--num_train", 1,
-                                               "--num_val", 1, "--num_test", 1])
+                                       "--num_val", 1, "--num_test", 1])
     assert f"case {BRATS_IDS[2]}: " in line and fragment in line, line
     assert not (tmp_path / "out" / "train.txt").exists()
 
@@ -358,7 +358,7 @@ def test_pancreas_bad_raw_case_is_one_line_naming_it(problem, fragment, tmp_path
         bad = label[:, :, :-2] if problem == "shape" else np.zeros_like(label)
         write_nifti(labels / "label0003.nii.gz", bad, affine())
     line = one_line_error(pancreas_main, ["--images", images, "--labels", labels, "--out", tmp_path / "out",
-                                                  "--num_train", 2, "--num_test", 1])
+                                          "--num_train", 2, "--num_test", 1])
     assert "case image0003: " in line and fragment in line, line
     assert not (tmp_path / "out" / "train.list").exists()
 
@@ -368,14 +368,14 @@ def test_conversion_flag_errors_are_one_line(pancreas_raw, brats_raw, tmp_path):
     line = one_line_error(pancreas_main, ["--images", images, "--labels", labels, "--out", tmp_path / "a"])
     assert "6 cases found" in line and "62 train + 20 test" in line
     line = one_line_error(brats_main, ["--src", brats_raw[0], "--out", tmp_path / "b", "--num_train", 5,
-                                               "--num_val", 0, "--num_test", 2])
+                                       "--num_val", 0, "--num_test", 2])
     assert "--num_val must be at least 1" in line
     line = one_line_error(brats_main, ["--src", tmp_path / "nowhere", "--out", tmp_path / "c"])
     assert "not found" in line
     empty_lists = tmp_path / "lists"
     empty_lists.mkdir()
     line = one_line_error(pancreas_main, ["--images", images, "--labels", labels, "--out", tmp_path / "d",
-                                                  "--split_dir", empty_lists])
+                                          "--split_dir", empty_lists])
     assert "train.list" in line and "not found" in line
     assert not any((tmp_path / name).exists() for name in "abcd")
 
