@@ -26,6 +26,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from utils.runtime import use_deterministic_algorithms  # noqa: E402
+
 
 
 def find_real_la():
@@ -163,7 +165,7 @@ def script_process_state():
         random.setstate(rng[0])
         np.random.set_state(rng[1])
         torch.set_rng_state(rng[2])
-        torch._C._set_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = deterministic[2:4]
         torch.utils.deterministic.fill_uninitialized_memory = deterministic[4]
 
@@ -223,6 +225,22 @@ def wait_for(condition, timeout=120, interval=0.002):
 
 def read_summary(eval_dir):
     return json.loads((eval_dir / "summary.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def finished(synthetic_root, tmp_path_factory):
+    """The run folder of a finished and evaluated 2-iteration labelled-only run (``iter_1.pth``, ``iter_2.pth``,
+    ``latest.pth``, ``eval_iter_2``), trained once; tests that change it work on a copy (``finished_copy``)."""
+    out = tmp_path_factory.mktemp("finished")
+    run_main("train_supervised_3D.py", "--root_path", synthetic_root, "--output_root", out, "--labelnum", "4",
+             "--max_iterations", "2", "--save_interval", "1", *TINY, check=True)
+    return out / "LA" / "Supervised_4" / "vnet"
+
+
+@pytest.fixture
+def finished_copy(finished, tmp_path):
+    """A copy of the finished run at ``tmp_path/model/LA/Supervised_4/vnet`` (output root ``tmp_path/model``)."""
+    return shutil.copytree(finished, tmp_path / "model" / "LA" / "Supervised_4" / "vnet")
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@
 Most of these run the script's ``main`` in the test's interpreter (``run_main``: the same ``run_cli`` path, without
 an interpreter start per input); the first tests run it as a process, to keep one check of the whole path."""
 import argparse
-import shutil
 
 import numpy as np
 import pytest
@@ -25,20 +24,6 @@ def train_args(root, tmp_path, *extra):
 def train(root, tmp_path, *extra):
     """A one-iteration labelled-only run into ``tmp_path/model``, expected to be refused (in this interpreter)."""
     return run_main(TRAIN, *train_args(root, tmp_path, *extra))
-
-
-@pytest.fixture(scope="module")
-def finished(synthetic_root, tmp_path_factory):
-    """A finished one-iteration run (``<folder>/model/...``), trained once for the tests that copy it."""
-    folder = tmp_path_factory.mktemp("finished")
-    run_main(TRAIN, *train_args(synthetic_root, folder), check=True)
-    return folder / "model"
-
-
-def finished_copy(finished, tmp_path):
-    """A copy of the finished run's output root at ``tmp_path/model``; returns the run folder."""
-    shutil.copytree(finished, tmp_path / "model")
-    return next((tmp_path / "model").rglob("config.json")).parent
 
 
 def test_missing_data_root(tmp_path):
@@ -98,8 +83,8 @@ def test_unknown_flag_is_one_line(synthetic_root, tmp_path):
     assert_one_line_error(proc, "unrecognized arguments")
 
 
-def test_existing_run_directory(synthetic_root, finished, tmp_path):
-    log = finished_copy(finished, tmp_path) / "log.txt"
+def test_existing_run_directory(synthetic_root, finished_copy, tmp_path):
+    log = finished_copy / "log.txt"
     before = log.read_text()
     assert_one_line_error(train(synthetic_root, tmp_path), "already exists", "--resume", "--overwrite")
     assert log.read_text() == before
@@ -110,22 +95,23 @@ def test_resume_without_a_run(synthetic_root, tmp_path):
     assert_one_line_error(train(synthetic_root, tmp_path, "--resume"), "no latest.pth")
 
 
-def test_test_3d_rejects_a_checkpoint_of_another_method(finished, tmp_path):
-    run = finished_copy(finished, tmp_path)
-    state = torch.load(run / "iter_1.pth", weights_only=True)
+def test_test_3d_rejects_a_checkpoint_of_another_method(finished_copy, tmp_path):
+    run = finished_copy
+    before = sorted(p.name for p in run.iterdir())
+    state = torch.load(run / "iter_2.pth", weights_only=True)
     save_checkpoint(tmp_path / "mt.pth", {**state, "script": "train_mt_3D"})
     proc = run_main("test_3D.py", "--run", run, "--checkpoint", tmp_path / "mt.pth")
     assert_one_line_error(proc, "written by train_mt_3D, not by train_supervised_3D")
-    assert not any(p.name.startswith("eval_") for p in run.iterdir())
+    assert sorted(p.name for p in run.iterdir()) == before  # no evaluation folder, finished or partial
 
 
 def test_test_3d_rejects_a_folder_that_is_not_a_run(tmp_path):
     assert_one_line_error(run_main("test_3D.py", "--run", tmp_path), "not a run directory")
 
 
-def test_test_3d_rejects_an_unfinished_run(finished, tmp_path):
-    run = finished_copy(finished, tmp_path)
-    (run / "iter_1.pth").unlink()
+def test_test_3d_rejects_an_unfinished_run(finished_copy):
+    run = finished_copy
+    (run / "iter_2.pth").unlink()
     assert_one_line_error(run_main("test_3D.py", "--run", run), "no final weights")
 
 

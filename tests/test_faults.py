@@ -4,7 +4,6 @@ the exit status, and that nothing was lost or overwritten."""
 import json
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -57,20 +56,6 @@ def straight(synthetic_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight")
     run_main(TRAIN, *common(synthetic_root, out, "--max_iterations", "12"), check=True)
     return weights(run_dir(out) / "iter_12.pth")
-
-
-@pytest.fixture(scope="module")
-def finished(synthetic_root, tmp_path_factory):
-    """A finished and evaluated 2-iteration run; tests that change it work on a copy (``finished_copy``)."""
-    out = tmp_path_factory.mktemp("finished")
-    run_main(TRAIN, "--root_path", synthetic_root, "--output_root", out, "--labelnum", "4", "--max_iterations",
-             "2", "--save_interval", "1", *TINY, check=True)
-    return run_dir(out)
-
-
-@pytest.fixture
-def finished_copy(finished, tmp_path):
-    return shutil.copytree(finished, tmp_path / "LA" / "Supervised_4" / "vnet")
 
 
 # -- signals -----------------------------------------------------------------------------------------------

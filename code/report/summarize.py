@@ -85,7 +85,7 @@ class Published:
 # where it was copied from, and so that the table is checked by the same tools as the code that reads it.
 # Every number the docs quote is here; methods whose doc quotes none (CPS, UC-Seg) have no entry.
 PUBLISHED = {
-    # docs/methods/supervised.md: ssl4mis-family.md table B (SS-Net authors' re-run, 15000 iterations, LCC on)
+    # docs/methods/supervised.md: ssl4mis-family.md table B (SS-Net authors' re-run, its protocol not stated)
     ("supervised", "LA", 4): (Published("52.55", "39.60", "47.05", "9.87",
                                         "SS-Net authors' V-Net re-run (docs/methods/supervised.md)"),),
     ("supervised", "LA", 8): (Published("82.74", "71.70", "13.33", "3.26",
@@ -108,7 +108,7 @@ PUBLISHED = {
     ("uamt", "LA", 8): (
         Published("84.25", "73.48", "13.84", "3.36", "DTC's README (docs/methods/uamt.md)"),
         Published("87.79", "78.39", "8.68", "2.12",
-                  "SS-Net's re-run, 15000 iterations, best checkpoint on the test set (docs/methods/uamt.md)"),
+                  "SS-Net's re-run, its protocol not stated (docs/methods/uamt.md)"),
         Published("85.81", "75.41", "18.25", "5.04", "BCP/CAML tables (docs/methods/uamt.md)"),
     ),
     ("uamt", "LA", 4): (Published("82.26", "70.98", "13.71", "3.82", "SS-Net's re-run (docs/methods/uamt.md)"),),

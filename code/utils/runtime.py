@@ -47,12 +47,12 @@ def seed_everything(seed, deterministic=True):
     torch.utils.deterministic.fill_uninitialized_memory = False
 
 
-def use_deterministic_algorithms(deterministic):
-    """``torch.use_deterministic_algorithms(deterministic, warn_only=True)`` without loading the compiler: that call
-    imports ``torch._inductor`` (1.4-1.9 s at the start of a script on our CPU, docs/benchmarks.md section 6) only
-    to copy the flag into inductor's config, which matters to compiled networks alone; :func:`prepare_for_training`
-    makes the public call when ``--compile`` loads inductor anyway."""
-    torch._C._set_deterministic_algorithms(bool(deterministic), warn_only=True)
+def use_deterministic_algorithms(deterministic, warn_only=True):
+    """``torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)`` without loading the compiler: that
+    call imports ``torch._inductor`` (1.4-1.9 s at the start of a script on our CPU, docs/benchmarks.md section 6)
+    only to copy the flag into inductor's config, which matters to compiled networks alone;
+    :func:`prepare_for_training` makes the public call when ``--compile`` loads inductor anyway."""
+    torch._C._set_deterministic_algorithms(bool(deterministic), warn_only=warn_only)
 
 
 # --num_workers auto: at most this many workers on a GPU machine (docs/benchmarks.md: what each method needs)
