@@ -3,10 +3,12 @@
     python code/test_3D.py --run model/LA/Supervised_8/vnet                 # final weights, run's protocol
     python code/test_3D.py --run model/LA/Supervised_8/vnet --nms 1 --save_nii
     python code/test_3D.py --run <dir> --checkpoint iter_3000.pth --stride_xy 64 --stride_z 64
+    python code/test_3D.py --run model/LA/CPS_8/vnet --network model2       # one network in place of the other
 
 The run's ``config.json`` names the training script; that script's ``build_networks(args)`` and
 ``predict(nets, x)`` define the method's inference (one network, an ensemble, a fused head), so this file
-stays generic. Results go to a new folder ``<run>/eval_<checkpoint>[_nms][_N]``, which appears only once it
+stays generic; a script whose inference reads one network names it ``INFERENCE_NETWORK``, which ``--network``
+replaces. Results go to a new folder ``<run>/eval_<checkpoint>[_<network>][_nms][_N]``, which appears only once it
 is complete; nothing is overwritten. Everything that can stop an evaluation (settings, data, checkpoint, a
 window the networks cannot take) is checked before the first case is predicted.
 """
@@ -50,6 +52,10 @@ def get_parser():
                         help="default: the run's (the dataset's unless given: LA 4, Pancreas 16, BraTS2019 64)")
     parser.add_argument("--nms", type=int, choices=(0, 1), default=None,
                         help="keep the largest connected component (default: the run's setting)")
+    parser.add_argument("--network", default=None,
+                        help="evaluate this network of the run in place of the one the method predicts from, e.g. "
+                             "model2 (CPS's second network) or ema_model (the teacher of MT, UA-MT, UG-MCL); "
+                             "results go to eval_<checkpoint>_<network> (default: the method's own inference)")
     add_evaluation_args(parser)
     return parser
 
@@ -112,6 +118,19 @@ def check_settings(args, patch_size, stride_xy, stride_z):
     check_evaluation_dependencies(args.save_nii)
 
 
+def swap_network(module, nets, name):
+    """``nets`` with ``name`` in place of the network that the method's ``predict`` reads (the module's
+    ``INFERENCE_NETWORK``), so that the method's own output transform applies to it; one line for a method that
+    predicts from several networks together, or a name that is not one of the run's networks."""
+    own = getattr(module, "INFERENCE_NETWORK", None)
+    if own is None:
+        raise UserError(f"--network: {module.__name__}.py predicts from its networks together "
+                        f"({', '.join(nets)}); there is no single one to replace")
+    if name not in nets:
+        raise UserError(f"--network {name}: the networks of this run are {', '.join(nets)}")
+    return {**nets, own: nets[name]}
+
+
 def check_window_fits(module, nets, patch_size, device, run_patch):
     """Run the method's ``predict`` once on an empty window, so that a patch the networks cannot take (UC-Seg's
     fusion head is built for its training patch) fails now, in one line, not in the middle of the test set."""
@@ -141,23 +160,25 @@ def main(argv=None):
         raise UserError(f"run directory {run_dir} is not writable (the evaluation writes a folder into it)")
 
     path = checkpoint_path(run_dir, run_args, args.checkpoint)
-    state = load_checkpoint(path)
     nets = module.build_networks(run_args)
+    evaluated = nets if args.network is None else swap_network(module, nets, args.network)
+    state = load_checkpoint(path)
     load_models(state, nets, path, config["script"])
     dataset = spec.dataset_class(root, args.split, case_ids=args.cases)
     for warning in evaluation_warnings(dataset):
         print(f"warning: {warning}", file=sys.stderr)
     prepare_for_inference(nets, device)
-    check_window_fits(module, nets, patch_size, device, run_args.patch_size)
+    check_window_fits(module, evaluated, patch_size, device, run_args.patch_size)
 
+    name = path.name if args.network is None else f"{path.stem}_{args.network}"
     summary, out_dir = evaluate(
-        lambda x: module.predict(nets, x), dataset, run_dir, path.name, patch_size=patch_size, stride_xy=stride_xy,
+        lambda x: module.predict(evaluated, x), dataset, run_dir, name, patch_size=patch_size, stride_xy=stride_xy,
         stride_z=stride_z, num_classes=spec.num_classes, device=device, sw_batch_size=args.sw_batch_size,
         nms=nms, spacing=args.spacing, save_nii=args.save_nii,
         protocol_extra={"checkpoint": str(path.name), "iteration": state.get("iteration"), "split": args.split,
-                        **selection_record(state)},
+                        **({} if args.network is None else {"network": args.network}), **selection_record(state)},
         progress=bool(args.progress))
-    print(f"{run_dir.name} {path.name}: {format_summary(summary)}")
+    print(f"{run_dir.name} {name}: {format_summary(summary)}")
     print(f"per-case metrics: {out_dir / 'metrics.csv'}")
 
 

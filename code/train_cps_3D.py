@@ -49,9 +49,12 @@ def build_networks(args):
     return {"model1": kaiming_normal_init(vnet()), "model2": xavier_normal_init(vnet())}
 
 
+INFERENCE_NETWORK = "model1"  # the network predict() reads (test_3D.py --network evaluates another)
+
+
 def predict(nets, x):
     """Class probabilities of the first network (SSL4MIS evaluates each network alone)."""
-    return torch.softmax(nets["model1"](x), dim=1)
+    return torch.softmax(nets[INFERENCE_NETWORK](x), dim=1)
 
 
 def supervised_loss(logits, label):

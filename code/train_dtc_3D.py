@@ -51,9 +51,12 @@ def build_networks(args):
                                     normalization="batchnorm", has_dropout=bool(args.has_dropout))}
 
 
+INFERENCE_NETWORK = "model"  # the network predict() reads (test_3D.py --network evaluates another)
+
+
 def predict(nets, x):
     """``[1 - p, p]`` with ``p = sigmoid(segmentation logit)``: the argmax is DTC's ``p > 0.5``."""
-    logits, _ = nets["model"](x)
+    logits, _ = nets[INFERENCE_NETWORK](x)
     foreground = torch.sigmoid(logits)
     return torch.cat([1 - foreground, foreground], dim=1)
 

@@ -35,13 +35,16 @@ def get_parser():
 
 def build_networks(args):
     """The networks of this method, on the CPU, by name (also used by test_3D.py)."""
-    return {"model": net_factory_3d(args.model, in_chns=1, class_num=2, n_filters=args.n_filters, normalization="batchnorm",
-                                    has_dropout=bool(args.has_dropout))}
+    return {"model": net_factory_3d(args.model, in_chns=1, class_num=2, n_filters=args.n_filters,
+                                    normalization="batchnorm", has_dropout=bool(args.has_dropout))}
+
+
+INFERENCE_NETWORK = "model"  # the network predict() reads (test_3D.py --network evaluates another)
 
 
 def predict(nets, x):
     """Class probabilities for a batch of windows (also used by test_3D.py)."""
-    return torch.softmax(nets["model"](x), dim=1)
+    return torch.softmax(nets[INFERENCE_NETWORK](x), dim=1)
 
 
 def supervised_loss(logits, label):

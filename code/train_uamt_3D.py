@@ -49,9 +49,12 @@ def build_networks(args):
     return {"model": model, "ema_model": make_teacher(model)}
 
 
+INFERENCE_NETWORK = "model"  # the network predict() reads (test_3D.py --network evaluates another)
+
+
 def predict(nets, x):
     """Class probabilities of the student (also used by test_3D.py)."""
-    return torch.softmax(nets["model"](x), dim=1)
+    return torch.softmax(nets[INFERENCE_NETWORK](x), dim=1)
 
 
 def teacher_targets(teacher, unlabeled, mc_samples):

@@ -97,9 +97,12 @@ def build_networks(args):
     return {"model": model, "ema_model": make_teacher(model)}
 
 
+INFERENCE_NETWORK = "model"  # the network predict() reads (test_3D.py --network evaluates another)
+
+
 def predict(nets, x):
     """Class probabilities of the student's segmentation head (the paper's inference; also test_3D.py)."""
-    logits, _ = nets["model"](x)
+    logits, _ = nets[INFERENCE_NETWORK](x)
     return torch.softmax(logits, dim=1)
 
 

@@ -105,6 +105,13 @@ def test_test_3d_rejects_a_checkpoint_of_another_method(finished_copy, tmp_path)
     assert sorted(p.name for p in run.iterdir()) == before  # no evaluation folder, finished or partial
 
 
+def test_test_3d_rejects_a_network_the_run_does_not_have(finished):
+    before = sorted(p.name for p in finished.iterdir())
+    proc = run_main("test_3D.py", "--run", finished, "--network", "ema_model")
+    assert_one_line_error(proc, "--network ema_model: the networks of this run are model")
+    assert sorted(p.name for p in finished.iterdir()) == before
+
+
 def test_test_3d_rejects_a_folder_that_is_not_a_run(tmp_path):
     assert_one_line_error(run_main("test_3D.py", "--run", tmp_path), "not a run directory")
 

@@ -140,15 +140,15 @@ def test_cps_loss_is_zero_pseudo_weighted_supervised_when_weight_is_zero():
 
 
 # -- the scripts end to end ---------------------------------------------------------------------------------
-SCRIPTS = {"mt": ("train_mt_3D.py", "MT", "vnet", []),
-           "uamt": ("train_uamt_3D.py", "UAMT", "vnet", ["--mc_samples", "2"]),
-           "dtc": ("train_dtc_3D.py", "DTC", "vnet_sdf", []),
-           "cps": ("train_cps_3D.py", "CPS", "vnet", [])}
+SCRIPTS = {"mt": ("train_mt_3D.py", "MT", "vnet", [], mt, "ema_model"),
+           "uamt": ("train_uamt_3D.py", "UAMT", "vnet", ["--mc_samples", "2"], uamt, "ema_model"),
+           "dtc": ("train_dtc_3D.py", "DTC", "vnet_sdf", [], dtc, None),
+           "cps": ("train_cps_3D.py", "CPS", "vnet", [], cps, "model2")}
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
 def test_script_trains_evaluates_and_test_3d_reproduces(name, synthetic_root, tmp_path, device):
-    script, exp, model, flags = SCRIPTS[name]
+    script, exp, model, flags, module, other = SCRIPTS[name]
     out = tmp_path / "model"
     run_main(script, "--root_path", synthetic_root, "--output_root", out, "--labelnum", "4", "--labeled_bs", "1",
              "--max_iterations", "2", *flags, *TINY, cwd=tmp_path, device=device, check=True)
@@ -162,6 +162,23 @@ def test_script_trains_evaluates_and_test_3d_reproduces(name, synthetic_root, tm
     trained, tested = read_summary(trained_dir), read_summary(tested_dir)
     for metric in ("dice", "jaccard", "hd95", "asd"):
         assert tested[metric] == trained[metric]
+    if other:
+        assert_network_flag_evaluates(run, module.INFERENCE_NETWORK, other, trained, tmp_path, device)
+
+
+def assert_network_flag_evaluates(run, own, other, default, cwd, device):
+    """``test_3D.py --network other`` gives, case for case, the evaluation of a checkpoint in which ``other``'s
+    weights stand in ``own``'s place, and not the method's default one."""
+    run_main("test_3D.py", "--run", run, "--network", other, "--progress", "0", cwd=cwd, device=device, check=True)
+    state = load_saved(run / "iter_2.pth")
+    state["models"][own] = state["models"][other]
+    torch.save(state, run / "swapped.pth")
+    run_main("test_3D.py", "--run", run, "--checkpoint", "swapped.pth", "--progress", "0", cwd=cwd, device=device,
+             check=True)
+    by_flag, by_weights = run / f"eval_iter_2_{other}", run / "eval_swapped"
+    assert read_summary(by_flag)["protocol"]["network"] == other
+    assert (by_flag / "metrics.csv").read_text() == (by_weights / "metrics.csv").read_text()
+    assert any(read_summary(by_flag)[m] != default[m] for m in ("dice", "jaccard", "hd95", "asd"))
 
 
 def test_cps_killed_run_resumes_both_networks_and_optimisers(synthetic_root, tmp_path, device):

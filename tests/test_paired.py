@@ -4,7 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from report.paired import bootstrap_interval, compare, paired_differences, wilcoxon_p
+from conftest import assert_one_line_error, call_main
+from report.paired import bootstrap_interval, compare, main, paired_differences, wilcoxon_p
 
 
 def test_differences_pair_only_the_keys_both_runs_scored():
@@ -38,3 +39,32 @@ def test_compare_counts_and_summarises():
     assert stats.low < stats.mean < stats.high
     with pytest.raises(ValueError):
         compare([])
+
+
+def write_metrics(folder, dice):
+    """An evaluation folder whose metrics.csv holds ``dice`` (case -> fraction) and the mean/std rows."""
+    folder.mkdir(parents=True)
+    rows = [f"{case},{value},0.5,1.0,1.0,False,False" for case, value in dice.items()]
+    text = "case,dice,jaccard,hd95,asd,empty_pred,empty_gt\n" + "\n".join(rows) + "\nmean,0.1,,,,,\nstd,0.1,,,,,\n"
+    (folder / "metrics.csv").write_text(text)
+    return folder
+
+
+def test_command_line_compares_evaluations_on_their_shared_cases(tmp_path):
+    baseline = write_metrics(tmp_path / "base", {"a": 0.70, "b": 0.80, "c": 0.60})
+    other = write_metrics(tmp_path / "other", {"a": 0.72, "b": 0.79, "d": 0.10})
+    same = write_metrics(tmp_path / "same", {"a": 0.70, "b": 0.80, "c": 0.60})
+    proc = call_main(main, baseline, other / "metrics.csv", same, check=True)
+    first, second = proc.stdout.splitlines()
+    assert first == (f"{other / 'metrics.csv'}: Dice 75.50 vs 75.00, difference +0.50 points, bootstrap 95 % "
+                     "interval [-1.00, +2.00], Wilcoxon p 1, better on 1 and worse on 1 of 2 cases (only the 2 cases "
+                     "both evaluated: 3 and 3 in all)")
+    assert second.startswith(f"{same}: Dice 70.00 vs 70.00, difference +0.00 points") and "p nan" in second
+
+
+def test_command_line_refuses_a_folder_without_metrics_in_one_line(tmp_path):
+    baseline = write_metrics(tmp_path / "base", {"a": 0.70})
+    proc = call_main(main, baseline, tmp_path)
+    assert_one_line_error(proc, f"{tmp_path}: no per-case metrics")
+    disjoint = write_metrics(tmp_path / "disjoint", {"z": 0.5})
+    assert_one_line_error(call_main(main, baseline, disjoint), "share no evaluated case")

@@ -39,7 +39,8 @@ def write_eval(run_dir, name, means, nms, with_nii, checkpoint=f"iter_{ITERATION
     per_case = {case: {k: v + (0.01 if i else -0.01) for k, v in means.items()} for i, case in enumerate(CASES)}
     lines = ["case,dice,jaccard,hd95,asd,empty_pred,empty_gt"]
     lines += [f"{case},{m['dice']},{m['jaccard']},{m['hd95']},{m['asd']},False,False" for case, m in per_case.items()]
-    lines += [f"mean,{','.join(str(means[k]) for k in ('dice', 'jaccard', 'hd95', 'asd'))},,", "std,0.01,0.01,0.01,0.01,,"]
+    lines += [f"mean,{','.join(str(means[k]) for k in ('dice', 'jaccard', 'hd95', 'asd'))},,",
+              "std,0.01,0.01,0.01,0.01,,"]
     (folder / "metrics.csv").write_text("\n".join(lines) + "\n")
     summary = {key: {"mean": value, "std": 0.01, "n": len(CASES)} for key, value in means.items()}
     summary.update(num_cases=len(CASES), num_empty_pred=0, num_empty_gt=0, protocol={
@@ -83,6 +84,7 @@ def make_run(model_dir, root, method, labelnum, seed, *, tag="LA", state="evalua
         decoy = {**means, "dice": DECOY_DICE}
         write_eval(run_dir, f"eval_iter_{ITERATIONS}" + ("_nms" if nms else ""), means, nms, with_nii=True)
         write_eval(run_dir, f"eval_iter_{ITERATIONS}" + ("" if nms else "_nms"), decoy, not nms, with_nii=False)
+        write_eval(run_dir, f"eval_iter_{ITERATIONS}_ema_model", decoy, nms, with_nii=False, network="ema_model")
     return run_dir
 
 

@@ -205,6 +205,8 @@ def test_script_trains_evaluates_and_test_3d_reproduces(synthetic_root, tmp_path
     tested = read_summary(run / "eval_iter_2_2")
     for metric in ("dice", "jaccard", "hd95", "asd"):
         assert tested[metric] == trained[metric]
+    proc = run_main("test_3D.py", "--run", run, "--network", "subnet_a", cwd=tmp_path)
+    assert_one_line_error(proc, "train_ugpl_3D.py predicts from its networks together (subnet_a, subnet_b)")
 
 
 def test_recomputed_activations_give_the_same_loss_gradients_and_batch_norm_statistics():

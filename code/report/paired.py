@@ -12,11 +12,24 @@ that both runs scored, the difference of their Dice, and over those differences
 - how many pairs are better, and how many worse.
 
 ``summarize.py`` compares every method with the labelled-only V-Net of the same labelled count, and the
-all-labels V-Net with it too, which gives the band a semi-supervised method can fill.
+all-labels V-Net with it too, which gives the band a semi-supervised method can fill. From the command line the
+same statistics compare any evaluations (``test_3D.py``'s folders) with a baseline evaluation, one seed each:
+
+    python code/report/paired.py <labelled-only run>/eval_iter_6000 <run>/eval_iter_6000 <run>/eval_iter_6000_model2
 """
+import csv
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+
+CODE_DIR = str(Path(__file__).resolve().parents[1])
+if CODE_DIR not in sys.path:
+    sys.path.insert(0, CODE_DIR)
+
+from utils.cli import ArgumentParser, resolve_path, run_cli  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 
 BOOTSTRAP_RESAMPLES = 10000
 BOOTSTRAP_SEED = 0
@@ -71,3 +84,64 @@ def compare(differences):
     low, high = bootstrap_interval(values)
     return PairedComparison(n=int(values.size), mean=float(values.mean()), low=low, high=high,
                             p_value=wilcoxon_p(values), better=int((values > 0).sum()), worse=int((values < 0).sum()))
+
+
+def metrics_rows(eval_dir):
+    """Per-case rows of an evaluation's ``metrics.csv`` (without the mean/std rows), in evaluation order; none
+    when the folder has no ``metrics.csv``."""
+    path = Path(eval_dir) / "metrics.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as handle:
+        return [row for row in csv.DictReader(handle) if row["case"] not in ("mean", "std")]
+
+
+def evaluation_dice(given):
+    """``{case: Dice in %}`` of an evaluation folder, or of its ``metrics.csv`` named directly; one line for a
+    path that holds no per-case metrics."""
+    path = resolve_path(given)
+    folder = path.parent if path.name == "metrics.csv" else path
+    rows = metrics_rows(folder)
+    if not rows:
+        raise UserError(f"{given}: no per-case metrics (expected an evaluation folder with metrics.csv, "
+                        "e.g. <run>/eval_iter_6000)")
+    return {row["case"]: 100 * float(row["dice"]) for row in rows}
+
+
+def describe(name, scores, baseline, comparison):
+    """One line: the mean Dice of both on the shared cases and the paired statistics."""
+    shared = [case for case in scores if case in baseline]
+    mean = sum(scores[case] for case in shared) / len(shared)
+    base = sum(baseline[case] for case in shared) / len(shared)
+    extra = "" if len(shared) == len(scores) == len(baseline) else \
+        f" (only the {len(shared)} cases both evaluated: {len(scores)} and {len(baseline)} in all)"
+    return (f"{name}: Dice {mean:.2f} vs {base:.2f}, difference {comparison.mean:+.2f} points, "
+            f"bootstrap 95 % interval [{comparison.low:+.2f}, {comparison.high:+.2f}], Wilcoxon p "
+            f"{comparison.p_value:.2g}, better on {comparison.better} and worse on {comparison.worse} of "
+            f"{comparison.n} cases{extra}")
+
+
+def get_parser():
+    parser = ArgumentParser(description="Compare evaluations case by case with a baseline evaluation: mean Dice "
+                                        "difference, bootstrap 95 % interval, Wilcoxon signed-rank p.")
+    parser.add_argument("baseline", help="evaluation folder of the baseline (<run>/eval_<checkpoint>...) or its "
+                                         "metrics.csv")
+    parser.add_argument("others", nargs="+", help="evaluation folders (or metrics.csv files) to compare with it")
+    return parser
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    baseline = evaluation_dice(args.baseline)
+    lines = []
+    for other in args.others:
+        scores = evaluation_dice(other)
+        differences = paired_differences(scores, baseline)
+        if not differences:
+            raise UserError(f"{other} and {args.baseline} share no evaluated case")
+        lines.append(describe(other, scores, baseline, compare([value for _, value in differences])))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -41,7 +41,8 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from utils.cli import ArgumentParser, output_path, resolve_path, run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
-from report.summarize import collect, metrics_rows  # noqa: E402
+from report.paired import metrics_rows  # noqa: E402
+from report.summarize import collect  # noqa: E402
 
 ITERATION = re.compile(r"\biteration (\d+)\b")
 TERM = re.compile(r"([A-Za-z_][\w/]*)\s*:\s*([-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf))(?![\w.])")

@@ -16,7 +16,6 @@ data), never next to the synthetic quick start or a resampled copy.
 Relative paths are taken as the project's scripts do: ``--model_dir`` from the working directory when it exists
 there, else from the repository root; ``--out`` always from the repository root.
 """
-import csv
 import json
 import math
 import re
@@ -34,7 +33,7 @@ from utils.atomic import write_atomically  # noqa: E402
 from utils.cli import ArgumentParser, output_path, resolve_path, run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.run_files import BEST_VAL  # noqa: E402
-from report.paired import BOOTSTRAP_RESAMPLES, compare, paired_differences  # noqa: E402
+from report.paired import BOOTSTRAP_RESAMPLES, compare, metrics_rows, paired_differences  # noqa: E402
 
 FAILED = "failed / not evaluated"
 UPPER_BOUND = "V-Net (all labels)"
@@ -417,15 +416,6 @@ def run_notes(runs):
 
 
 # -- paired comparison with the labelled-only V-Net ------------------------------------------------------------
-def metrics_rows(eval_dir):
-    """Per-case rows of an evaluation's ``metrics.csv`` (without the mean/std rows), in evaluation order."""
-    path = eval_dir / "metrics.csv"
-    if not path.is_file():
-        return []
-    with open(path, newline="", encoding="utf-8") as handle:
-        return [row for row in csv.DictReader(handle) if row["case"] not in ("mean", "std")]
-
-
 def case_scores(row):
     """``{(seed, case): Dice in %}`` of every evaluated run of ``row``."""
     return {(run.seed, case["case"]): 100 * float(case["dice"])
