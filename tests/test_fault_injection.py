@@ -19,7 +19,7 @@ SAVE_INTERVAL = 5
 def environment(tmp_path, output, **extra):
     return {**os.environ, "DATA_ROOT": str(tmp_path / "no_data"), "SYNTHETIC_ROOT": str(tmp_path / "synthetic"),
             "SYNTHETIC_SHAPE": "48 48 32", "QUICK_PATCH": "32 32 16", "QUICK_ITERATIONS": str(ITERATIONS),
-            "QUICK_WIDTH": "4", "METHODS": "supervised", "UPPER_BOUND": "0", "PLOTS": "0", "DEVICE": "cpu",
+            "QUICK_WIDTH": "8", "METHODS": "supervised", "UPPER_BOUND": "0", "PLOTS": "0", "DEVICE": "cpu",
             "EXTRA_ARGS": f"--save_interval {SAVE_INTERVAL} --progress 0", "OUTPUT_ROOT": str(tmp_path / output),
             **extra}
 
