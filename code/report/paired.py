@@ -108,9 +108,11 @@ def evaluation_dice(given):
     return {row["case"]: 100 * float(row["dice"]) for row in rows}
 
 
-def describe(name, scores, baseline, comparison):
-    """One line: the mean Dice of both on the shared cases and the paired statistics."""
-    shared = [case for case in scores if case in baseline]
+def describe(name, scores, baseline, differences):
+    """One line: the mean Dice of both on the cases they share (the keys of ``differences``) and the paired
+    statistics of those differences."""
+    shared = [case for case, _ in differences]
+    comparison = compare([value for _, value in differences])
     mean = sum(scores[case] for case in shared) / len(shared)
     base = sum(baseline[case] for case in shared) / len(shared)
     extra = "" if len(shared) == len(scores) == len(baseline) else \
@@ -139,7 +141,7 @@ def main(argv=None):
         differences = paired_differences(scores, baseline)
         if not differences:
             raise UserError(f"{other} and {args.baseline} share no evaluated case")
-        lines.append(describe(other, scores, baseline, compare([value for _, value in differences])))
+        lines.append(describe(other, scores, baseline, differences))
     print("\n".join(lines))
 
 
