@@ -5,55 +5,69 @@
 #   bash reproduce.sh                              # LA at data/LA: 8 and 16 labels, seed 1337, paper protocols
 #   LABELNUMS="8" SEEDS="1337 2024 42" bash reproduce.sh
 #   DATA_ROOT=/data/LA DEVICE=cuda bash reproduce.sh
-#   QUICK=1 bash reproduce.sh                      # CPU protocol on half-resolution LA (hours on 2 cores)
+#   QUICK=1 bash reproduce.sh                      # CPU protocol on half-resolution LA (a day on 2 cores)
+#   QUICK=1 SEEDS=1337 JOBS=2 bash reproduce.sh    # its first seed, two runs at a time
 #
 # Three protocols, chosen by what is there:
 # - the papers' (DATA_ROOT holds LA): every method with its paper's iterations, patch and schedule, plus the
 #   fully supervised upper bound; table docs/results.md, figures docs/figures/.
-# - QUICK=1 (DATA_ROOT holds LA): a CPU protocol defined by convergence (docs/cpu_protocol.md). A
-#   half-resolution copy of LA is written once to data/LA_half (code/dataloaders/resample.py); every method
-#   runs at 8 labels with networks of width QUICK_WIDTH (default 8: --n_filters, the same for all) on 48x48x32
-#   crops, 2 labelled crops per iteration for every method (the labelled-only runs batches of 2, the others
-#   QUICK_SEMI_BATCH="2 2": 2 labelled + 2 unlabelled, the papers') for QUICK_ITERATIONS (default 2250)
-#   iterations, its schedule (lr steps, consistency ramps, mixing start) shrunk in proportion, and every method is evaluated the
-#   same way: sliding window at stride 16/8, largest component off; table docs/results_quick.md, figures
-#   docs/figures_quick/. Not comparable with the papers.
+# - QUICK=1 (DATA_ROOT holds LA): a CPU protocol chosen by measured criteria (docs/cpu_protocol.md). A
+#   half-resolution copy of LA is written once to data/LA_half (code/dataloaders/resample.py); every method and
+#   its matched control run at 6 labels, seeds 1337, 2024 and 42, with networks of width QUICK_WIDTH (default 8:
+#   --n_filters, the same for all) on 48x48x32 crops, 2 labelled crops per iteration for every method (the
+#   labelled-only runs batches of 2, the others QUICK_SEMI_BATCH="2 2": 2 labelled + 2 unlabelled, the papers')
+#   for QUICK_ITERATIONS (default 2250) iterations, its schedule (lr steps, consistency ramps, mixing start)
+#   shrunk in proportion, one compute thread per run, two runs at a time on 2 cores, and every method is
+#   evaluated the same way: sliding window at stride 16/8, largest component off, final weights; table
+#   docs/results_quick.md made from the run files in results/LA_half_quick/, figures docs/figures_quick/. Not
+#   comparable with the papers. (The earlier 8-label, one-seed version: docs/results_quick_8labels.md.)
 # - no dataset at DATA_ROOT: the synthetic quick start. A synthetic dataset is written to SYNTHETIC_ROOT
 #   (default data/synthetic_LA) and every method runs QUICK_ITERATIONS (default 10) iterations on 64x64x32
 #   crops, batches of 2, sliding window at stride 32/16; table and figures go next to the runs. Its numbers
 #   only show that the pipeline works.
 #
-# Environment: DATA_ROOT (default data/LA), LABELNUMS (default "8 16"; QUICK: "8"; synthetic: "4"), SEEDS
-# (default "1337"), LABEL_SEEDS (draws of the labelled cases, --label_seed, each run for every seed; default: none,
+# Every semi-supervised method can also train its matched control (CONTROLS=1, or METHODS="mt mt_control"): its own
+# script with --labelled_only 1, every loss term that reads an unlabelled crop off, the same networks, batches and
+# schedule; the table then shows each method's gain over its own control.
+#
+# Environment: DATA_ROOT (default data/LA), LABELNUMS (default "8 16"; QUICK: "6"; synthetic: "4"), SEEDS
+# (default "1337"; QUICK: "1337 2024 42"), CONTROLS (1: each semi-supervised method's control after it; default 0,
+# QUICK: 1), LABEL_SEEDS (draws of the labelled cases, --label_seed, each run for every seed; default: none,
 # the first LABELNUM cases of the list as in the papers; the table then separates the two spreads), VAL_NUM (cases
 # held out of the training list for validation, --val_num, validated every VAL_INTERVAL iterations, default a tenth
 # of the run; the weights best on validation are evaluated beside the final ones; default 0, the papers'), METHODS
 # (default: every method below), UPPER_BOUND (1: also the supervised run on every training case; default 1),
 # DEVICE (auto|cpu|cuda, default auto), EXTRA_ARGS (added to every training command), OUTPUT_ROOT (where the runs
-# go, default model/reproduce/<protocol>), RESULTS and FIGURES (where the table and the figures go), PLOTS (0: no
-# figures), QUICK_ITERATIONS, QUICK_PATCH, QUICK_STRIDE ("XY Z"), QUICK_WIDTH, QUICK_SEMI_BATCH ("labelled
-# unlabelled" crops of the semi-supervised methods; synthetic: "1 1"), HALF_ROOT, SYNTHETIC_ROOT, SYNTHETIC_SHAPE.
+# go, default model/reproduce/<protocol>), RESULTS and FIGURES (where the table and the figures go: the committed
+# docs/ files for the default OUTPUT_ROOT, else beside the runs), RUN_FILES (where the files that define the
+# table's numbers are copied and the table is made from: results/<protocol> for the default OUTPUT_ROOT of the
+# real-data protocols, else none), PLOTS (0: no figures), QUICK_ITERATIONS, QUICK_PATCH, QUICK_STRIDE ("XY Z"),
+# QUICK_WIDTH, QUICK_SEMI_BATCH ("labelled unlabelled" crops of the semi-supervised methods; synthetic: "1 1"),
+# QUICK_THREADS, HALF_ROOT, SYNTHETIC_ROOT, SYNTHETIC_SHAPE.
 # Finished runs are skipped, interrupted ones resumed (--resume), and a failed run is
 # reported while the others go on; the script exits non-zero at the end if any failed.
 #
 # Several runs at once: JOBS=N runs N at a time (each with its console output in OUTPUT_ROOT/logs/), GPUS="0 1"
 # spreads them over those devices (CUDA_VISIBLE_DEVICES per job slot), each job's data loader with its share of
 # the CPUs (nproc / JOBS - 1 workers, at least 2; EXTRA_ARGS="--num_workers K" overrides); the table is the same
-# as a sequential call's. PRINT_JOBS=1 prints one command per run instead (for a SLURM job array or GNU parallel):
-# each trains and evaluates its run with SUMMARY=0 (no table), and several may share the output folder; a plain call
-# afterwards skips the finished runs and writes the table and the figures.
+# as a sequential call's (both run with the same compute threads: OMP_NUM_THREADS, else torch's default). QUICK=1
+# fixes QUICK_THREADS (default 1) threads per run and runs JOBS (default: one job per QUICK_THREADS cores, at most
+# 4) at a time: on 2 cores two runs of one thread train its table 1.3-1.6 times faster than one run of two
+# (docs/benchmarks.md). PRINT_JOBS=1 prints one command per run instead (for a SLURM
+# job array or GNU parallel): each trains and evaluates its run with SUMMARY=0 (no table), and several may share
+# the output folder; a plain call afterwards skips the finished runs and writes the table and the figures.
 set -uo pipefail
 cd "$(dirname "$0")"
 
 PASSED=()  # the settings the caller gave, repeated in every command of PRINT_JOBS=1
 for name in DATA_ROOT QUICK DEVICE EXTRA_ARGS OUTPUT_ROOT PYTHON PLOTS HALF_ROOT SYNTHETIC_ROOT SYNTHETIC_SHAPE \
             QUICK_ITERATIONS QUICK_PATCH QUICK_STRIDE QUICK_WIDTH QUICK_SEMI_BATCH QUICK_LABELNUMS \
-            VAL_NUM VAL_INTERVAL; do
+            QUICK_THREADS VAL_NUM VAL_INTERVAL OMP_NUM_THREADS; do
     [ -n "${!name+x}" ] && PASSED+=("$name=${!name}")
 done
 
 DATA_ROOT=${DATA_ROOT:-data/LA}
-SEEDS=${SEEDS:-1337}
+OUTPUT_ROOT_GIVEN=${OUTPUT_ROOT:+1}  # the committed tables and run files are written only for the default root
 LABEL_SEEDS=${LABEL_SEEDS:-}
 VAL_NUM=${VAL_NUM:-0}
 VAL_INTERVAL=${VAL_INTERVAL:-}
@@ -64,20 +78,18 @@ EXTRA_ARGS=${EXTRA_ARGS:-}
 PLOTS=${PLOTS:-1}
 PYTHON=${PYTHON:-python}
 QUICK=${QUICK:-0}
-JOBS=${JOBS:-1}
+JOBS=${JOBS:-}  # default: QUICK's below, else 1
 GPUS=${GPUS:-}
 PRINT_JOBS=${PRINT_JOBS:-0}
 SUMMARY=${SUMMARY:-1}
-if ! [[ "$JOBS" =~ ^[1-9][0-9]*$ ]]; then
+if [ -n "$JOBS" ] && ! [[ "$JOBS" =~ ^[1-9][0-9]*$ ]]; then
     echo "error: JOBS must be a positive whole number, got '$JOBS'" >&2
     exit 2
 fi
+PARALLEL_BASH=$(( BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] >= 501 ))  # wait -n -p, for JOBS > 1
+CORES=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # the machine's, not the threads asked of one run
 if ! [[ "$VAL_NUM" =~ ^[0-9]+$ ]]; then
     echo "error: VAL_NUM must be a whole number, got '$VAL_NUM'" >&2
-    exit 2
-fi
-if [ "$JOBS" -gt 1 ] && (( BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] < 501 )); then
-    echo "error: JOBS=$JOBS needs bash 5.1 or newer (this is $BASH_VERSION); use JOBS=1 or PRINT_JOBS=1" >&2
     exit 2
 fi
 
@@ -141,25 +153,38 @@ if [ -f "$DATA_ROOT/train.list" ]; then
                 --overwrite || exit 1
         fi
         DATA_ROOT=$HALF_ROOT
-        LABELNUMS=${LABELNUMS:-8}
+        LABELNUMS=${LABELNUMS:-6}
+        SEEDS=${SEEDS:-"1337 2024 42"}
+        CONTROLS=${CONTROLS:-1}
         QUICK_ITERATIONS=${QUICK_ITERATIONS:-2250}
         QUICK_PATCH=${QUICK_PATCH:-"48 48 32"}
         QUICK_STRIDE=${QUICK_STRIDE:-"16 8"}
         QUICK_WIDTH=${QUICK_WIDTH:-8}
         QUICK_NMS=0
         QUICK_SEMI_BATCH=${QUICK_SEMI_BATCH:-"2 2"}
-        RESULTS=${RESULTS:-docs/results_quick.md}
-        FIGURES=${FIGURES:-docs/figures_quick}
-        NOTE="CPU protocol (QUICK=1 bash reproduce.sh): LA at half resolution, networks of width $QUICK_WIDTH, \
-$QUICK_ITERATIONS iterations on ${QUICK_PATCH// /x} crops in batches of 2 labelled crops (labelled-only runs) \
-or ${QUICK_SEMI_BATCH% *} labelled + ${QUICK_SEMI_BATCH#* } unlabelled (semi-supervised methods), schedules \
-shrunk in proportion, every method evaluated with the sliding window at stride ${QUICK_STRIDE// //} and the \
-largest component off. NOT comparable with the papers' numbers."
+        # one compute thread per run, whatever JOBS is: the thread count changes a CPU run's arithmetic (the
+        # weights differ as with another seed), so the table is reproduced case for case only with the same
+        # count; two runs at once with one thread each train it fastest on 2 cores (docs/benchmarks.md)
+        QUICK_THREADS=${QUICK_THREADS:-1}
+        if ! [[ "$QUICK_THREADS" =~ ^[1-9][0-9]*$ ]]; then
+            echo "error: QUICK_THREADS must be a positive whole number, got '$QUICK_THREADS'" >&2
+            exit 2
+        fi
+        export OMP_NUM_THREADS=$QUICK_THREADS
+        [ "$PARALLEL_BASH" = 1 ] && JOBS=${JOBS:-$(( CORES / QUICK_THREADS < 4 ? CORES / QUICK_THREADS : 4 ))}
+        DOCS_RESULTS=docs/results_quick.md
+        DOCS_FIGURES=docs/figures_quick
+        NOTE="CPU protocol (QUICK=1 bash reproduce.sh, docs/cpu_protocol.md): LA at half resolution, \
+networks of width $QUICK_WIDTH, $QUICK_ITERATIONS iterations on ${QUICK_PATCH// /x} crops in batches of 2 \
+labelled crops (labelled-only runs) or ${QUICK_SEMI_BATCH% *} labelled + ${QUICK_SEMI_BATCH#* } unlabelled \
+(semi-supervised methods and their controls), schedules shrunk in proportion, every method evaluated with the \
+sliding window at stride ${QUICK_STRIDE// //} and the largest component off, final weights. NOT comparable with \
+the papers' numbers."
     else
         PROTOCOL=LA
         LABELNUMS=${LABELNUMS:-"8 16"}
-        RESULTS=${RESULTS:-docs/results.md}
-        FIGURES=${FIGURES:-docs/figures}
+        DOCS_RESULTS=docs/results.md
+        DOCS_FIGURES=docs/figures
         NOTE="Each method with its paper's protocol on LA (bash reproduce.sh)."
     fi
 else
@@ -183,8 +208,22 @@ else
 fi
 OUTPUT_ROOT=${OUTPUT_ROOT:-model/reproduce/$PROTOCOL}
 mkdir -p "$OUTPUT_ROOT" || exit 2
+if [ -z "$OUTPUT_ROOT_GIVEN" ] && [ -n "${DOCS_RESULTS:-}" ]; then  # the committed table, figures and run files
+    RESULTS=${RESULTS:-$DOCS_RESULTS}
+    FIGURES=${FIGURES:-$DOCS_FIGURES}
+    RUN_FILES=${RUN_FILES-results/$PROTOCOL}
+fi
 RESULTS=${RESULTS:-$OUTPUT_ROOT/results.md}
 FIGURES=${FIGURES:-$OUTPUT_ROOT/figures}
+RUN_FILES=${RUN_FILES:-}
+SEEDS=${SEEDS:-1337}
+CONTROLS=${CONTROLS:-0}
+JOBS=${JOBS:-1}
+[ "$JOBS" -ge 1 ] || JOBS=1
+if [ "$JOBS" -gt 1 ] && [ "$PARALLEL_BASH" != 1 ]; then
+    echo "error: JOBS=$JOBS needs bash 5.1 or newer (this is $BASH_VERSION); use JOBS=1 or PRINT_JOBS=1" >&2
+    exit 2
+fi
 # each training evaluates its final weights (and best_val.pth) itself; test_3D.py evaluates a finished run that
 # lacks an evaluation (stopped during it, or trained by another call)
 COMMON=(--root_path "$DATA_ROOT" --output_root "$OUTPUT_ROOT" --device "$DEVICE")
@@ -196,7 +235,7 @@ if [ "$QUICK" = 1 ]; then
     [ -n "${QUICK_NMS:-}" ] && COMMON+=(--nms "$QUICK_NMS")
 fi
 if [ "$JOBS" -gt 1 ]; then  # the jobs share the CPUs: each loader gets its part (the batches do not depend on it)
-    workers=$(( $(nproc) / JOBS - 1 ))
+    workers=$(( CORES / JOBS - 1 ))
     COMMON+=(--num_workers $(( workers < 2 ? 2 : workers )))
 fi
 
@@ -238,18 +277,23 @@ evaluated_checkpoint() {  # evaluated_checkpoint RUN STEM: the folder of a compl
     return 1
 }
 
+CONTROL=_control  # METHOD_control: the method's matched control (--labelled_only 1), in the folder EXP_control
+
 run_one() {  # run_one METHOD LABELNUM SEED DRAW: train (or resume, or skip) and evaluate one run; DRAW is the
     # --label_seed of its labelled cases, or "first" for the first LABELNUM of the list
-    local method=$1 labelnum=$2 seed=$3 draw=$4 script=${SCRIPT[$1]:-}
-    if [ -z "$script" ]; then
-        echo "!! unknown method '$method' (known: ${!SCRIPT[*]})"; failed+=("$method"); return
+    local job=$1 labelnum=$2 seed=$3 draw=$4 method=${1%"$CONTROL"} control=
+    [ "$method" != "$job" ] && control=$CONTROL
+    local script=${SCRIPT[$method]:-}
+    if [ -z "$script" ] || { [ -n "$control" ] && [ "$method" = supervised ]; }; then
+        echo "!! unknown method '$job' (known: ${!SCRIPT[*]}, and <method>$CONTROL for each but supervised)"
+        failed+=("$job"); return
     fi
-    local exp="${PROTOCOL}_seed${seed}/${EXP[$method]}" what="$method, $labelnum labels, seed $seed"
+    local exp="${PROTOCOL}_seed${seed}/${EXP[$method]}$control" what="$job, $labelnum labels, seed $seed"
     local tag
-    tag=$(job_name "$method $labelnum $seed $draw")
+    tag=$(job_name "$job $labelnum $seed $draw")
     tag=${tag// //}
     if [ "$draw" != first ]; then
-        exp="${PROTOCOL}_draw${draw}_seed${seed}/${EXP[$method]}"
+        exp="${PROTOCOL}_draw${draw}_seed${seed}/${EXP[$method]}$control"
         what+=", labelled draw $draw"
     fi
     local run="$OUTPUT_ROOT/${exp}_${labelnum}/${MODEL[$method]}"
@@ -260,6 +304,7 @@ run_one() {  # run_one METHOD LABELNUM SEED DRAW: train (or resume, or skip) and
     # shellcheck disable=SC2206
     local args=(--exp "$exp" --labelnum "$labelnum" --seed "$seed" $schedule "${COMMON[@]}")
     [ "$draw" != first ] && args+=(--label_seed "$draw")
+    [ -n "$control" ] && args+=(--labelled_only 1)
     if [ "$VAL_NUM" != 0 ]; then  # validated every VAL_INTERVAL iterations, by default a tenth of the run
         args+=(--val_num "$VAL_NUM" --val_interval "${VAL_INTERVAL:-$(( iterations >= 10 ? iterations / 10 : 1 ))}")
     fi
@@ -409,6 +454,9 @@ for seed in $SEEDS; do
         for labelnum in $LABELNUMS; do
             for method in $METHODS; do
                 job_list+=("$method $labelnum $seed $draw")
+                if [ "$CONTROLS" = 1 ] && [ "$method" != supervised ] && [[ "$method" != *"$CONTROL" ]]; then
+                    job_list+=("$method$CONTROL $labelnum $seed $draw")
+                fi
             done
         done
     done
@@ -421,7 +469,7 @@ if [ "$PRINT_JOBS" = 1 ]; then  # one self-contained command per run, nothing tr
     for job in "${job_list[@]}"; do
         read -r method labelnum seed draw <<< "$job"
         printf '%q ' env "${PASSED[@]}" "METHODS=$method" "LABELNUMS=$labelnum" "SEEDS=$seed" \
-            "LABEL_SEEDS=$([ "$draw" != first ] && echo "$draw")" UPPER_BOUND=0 \
+            "LABEL_SEEDS=$([ "$draw" != first ] && echo "$draw")" UPPER_BOUND=0 CONTROLS=0 \
             SUMMARY=0 bash "$PWD/reproduce.sh"
         echo
     done
@@ -442,6 +490,8 @@ if command -v flock >/dev/null; then
 fi
 
 declare -a slot_pid=()
+echo "== $PROTOCOL: ${#job_list[@]} runs in $OUTPUT_ROOT, $JOBS at a time$([ "$SUMMARY" = 1 ] && echo "; table \
+$RESULTS$([ -n "$RUN_FILES" ] && echo " from the run files in $RUN_FILES")")"
 started=$(date +%s)
 if [ "$JOBS" = 1 ]; then
     run_sequential
@@ -458,8 +508,9 @@ if [ "$SUMMARY" = 0 ]; then
     exit 0
 fi
 echo
-if ! step "$PYTHON" code/report/summarize.py --model_dir "$OUTPUT_ROOT" --out "$RESULTS" \
-        --title "Results: $PROTOCOL" --note "$NOTE Wall time of this reproduce.sh call: $minutes min."; then
+summary_args=(--model_dir "$OUTPUT_ROOT" --out "$RESULTS" --title "Results: $PROTOCOL" --note "$NOTE")
+[ -n "$RUN_FILES" ] && summary_args+=(--run_files "$RUN_FILES")  # the table is made from the files committed
+if ! step "$PYTHON" code/report/summarize.py "${summary_args[@]}"; then
     failed+=("summary")
 elif [ "$PLOTS" = 1 ] && ! step "$PYTHON" code/report/plots.py --model_dir "$OUTPUT_ROOT" --out "$FIGURES" \
         --device "$DEVICE"; then
@@ -469,4 +520,5 @@ if [ ${#failed[@]} -gt 0 ]; then
     echo "FAILED: ${failed[*]}"
     exit 1
 fi
-echo "Results in $RESULTS$([ "$PLOTS" = 1 ] && echo ", figures in $FIGURES") ($minutes min)"
+echo "Results in $RESULTS$([ "$PLOTS" = 1 ] && echo ", figures in $FIGURES")$([ -n "$RUN_FILES" ] && \
+    echo ", the files that define them in $RUN_FILES") (this call: $minutes min)"

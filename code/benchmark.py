@@ -8,12 +8,16 @@ docs/benchmarks.md.
     python code/benchmark.py --only training --rounds 3 --iterations 4
     python code/benchmark.py --only methods --methods ugmcl --rounds 3 --iterations 3
     python code/benchmark.py --only evaluation --eval_repeats 2
+    python code/benchmark.py --only throughput --methods mt ugmcl --rounds 2 --iterations 40 --root_path data/LA_half \
+        --script_args "--labelnum 6 --n_filters 8 --patch_size 48 48 32"
 
 Everything runs on the CPU. Each comparison alternates its two variants in one invocation (A B A B ...)
 and reports the median of the ratios of neighbouring runs, so load from other users of the machine falls
 on both alike. Requirements checked: inference at least 1.3x faster than the reference with identical label
 maps (a mismatch exits 1); training plumbing at most 5% slower per iteration than the bare loop; peak
 memory of the training run at most 6 GiB; peak memory of a method's run at most its limit in ``METHODS``.
+The throughput benchmark (only when named) asks how a table is trained fastest on this machine: one run at a
+time with every core's threads, or two runs at once with half the threads each (``reproduce.sh`` ``JOBS=2``).
 """
 import sys
 from pathlib import Path
@@ -70,8 +74,8 @@ LOG_LINE = re.compile(r"^\[(\d\d):(\d\d):(\d\d)\.(\d{3})\] iteration (\d+) :")
 def get_parser():
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root_path", default="data/LA", help="LA data root (default: data/LA)")
-    parser.add_argument("--only", choices=("inference", "training", "methods", "evaluation"), default=None,
-                        help="run one benchmark (default: all four)")
+    parser.add_argument("--only", choices=("inference", "training", "methods", "evaluation", "throughput"),
+                        default=None, help="run one benchmark (default: the first four; throughput only when named)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--threads", type=int, default=None,
@@ -98,7 +102,8 @@ def get_parser():
 
     methods = parser.add_argument_group("methods (uses --rounds, --iterations, --warmup)")
     methods.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=sorted(METHODS),
-                         help="method scripts to time against the supervised script (default: all)")
+                         help="method scripts to time against the supervised script, or (throughput) with the "
+                              "supervised script (default: all)")
     methods.add_argument("--eval_repeats", type=int, default=2,
                          help="evaluation: rounds over the scripts, one inference of the case each (default: 2)")
     return parser
@@ -464,6 +469,80 @@ def bench_methods(args):
     return result
 
 
+# -- throughput: one run with every core's threads against two runs at once ---------------------------------
+def start_run(command, log_path, threads):
+    """Start ``command`` with its output in ``log_path`` and ``threads`` compute threads (OMP_NUM_THREADS)."""
+    output = open(log_path, "w")
+    proc = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+    output.close()
+    return proc
+
+
+def finished_run_times(proc, workdir):
+    """Wait for a run started by :func:`start_run`; its ``{iteration: second of the day}``."""
+    if proc.wait() != 0:
+        tail = "".join((workdir / "stdout.txt").read_text().splitlines(keepends=True)[-5:]).strip()
+        raise UserError(f"the training script exited {proc.returncode}: {tail}")
+    return log_times(next(workdir.glob("**/log.txt")))
+
+
+def overlapping_seconds(times, end, warmup):
+    """Durations of iterations ``warmup + 1 ..`` that ended by ``end`` (while the other run still ran)."""
+    return [times[i] - times[i - 1] for i in sorted(times) if i > warmup and times[i] <= end]
+
+
+def throughput_round(args, script, tmp, round_index):
+    """One run of ``script`` alone with every core's threads, then two at once (seeds ``--seed`` and
+    ``--seed + 1``) with half the threads each: the median seconds per iteration of each, the pair's counted only
+    while both ran."""
+    cores = os.cpu_count() or 1
+    alone = Path(tmp) / f"{round_index}_{script}_alone"
+    alone.mkdir()
+    times = finished_run_times(start_run(script_command(script, args, alone), alone / "stdout.txt", cores), alone)
+    pair = []
+    for offset in (0, 1):
+        workdir = Path(tmp) / f"{round_index}_{script}_pair{offset}"
+        workdir.mkdir()
+        command = script_command(script, args, workdir)
+        command[command.index("--seed") + 1] = str(args.seed + offset)
+        pair.append((workdir, start_run(command, workdir / "stdout.txt", max(1, cores // 2))))
+    pair_times = [finished_run_times(proc, workdir) for workdir, proc in pair]
+    end = min(max(t.values()) for t in pair_times)
+    together = [s for t in pair_times for s in overlapping_seconds(t, end, args.warmup)]
+    return {"alone": statistics.median(iteration_seconds(times, args.warmup)),
+            "together": statistics.median(together)}
+
+
+def bench_throughput(args):
+    """``--rounds`` x, for the supervised script and each of ``--methods``: :func:`throughput_round`. Two runs at
+    once train ``2 x alone / together`` times as many iterations per second as one run at a time (the median
+    over rounds); above 1, ``JOBS=2`` trains a table faster."""
+    scripts = {"supervised": "train_supervised_3D.py", **{m: METHODS[m][0] for m in args.methods}}
+    per_round = {name: [] for name in scripts}
+    loads = []
+    with tempfile.TemporaryDirectory(prefix="ssl3d-benchmark-") as tmp:
+        for round_index in range(args.rounds):
+            loads.append(os.getloadavg()[0])
+            for name, script in scripts.items():
+                per_round[name].append(throughput_round(args, script, tmp, round_index))
+    return {"iterations_per_run": args.iterations, "warmup": args.warmup, "rounds": args.rounds,
+            "script_args": args.script_args, "cores": os.cpu_count(), "loadavg_per_round": loads,
+            "seconds_per_round": per_round,
+            "speedup": {name: statistics.median(2 * r["alone"] / r["together"] for r in rounds)
+                        for name, rounds in per_round.items()}}
+
+
+def throughput_rows(result):
+    rows = [("setting", f"{result['rounds']} rounds x {result['iterations_per_run']} iterations per run, first "
+                        f"{result['warmup']} untimed; flags: {result['script_args'] or 'the scripts defaults'}", "")]
+    for name, speedup in result["speedup"].items():
+        rounds = result["seconds_per_round"][name]
+        detail = " | ".join(f"{r['alone']:.3f} s/it alone, {r['together']:.3f} s/it each of two" for r in rounds)
+        rows.append((name, f"two at once {speedup:.2f}x the iterations per second of one at a time ({detail})", ""))
+    return rows
+
+
 # -- evaluation: each method's inference on one LA case --------------------------------------------------------
 def method_inference_setup(script, args):
     """In a method's worker process: the script's networks (seeded random weights; the time does not depend on
@@ -618,6 +697,10 @@ def main(argv=None):
     if args.only in (None, "evaluation"):
         report["evaluation"] = bench_evaluation(args)
         print_table("inference per LA case (each method's predict)", evaluation_rows(report["evaluation"]))
+    if args.only == "throughput":
+        report["throughput"] = bench_throughput(args)
+        print_table(f"training throughput on {os.cpu_count()} cores: two runs at once with half the threads each, "
+                    "against one run at a time", throughput_rows(report["throughput"]))
     report["machine"]["loadavg_end"] = list(os.getloadavg())
     if args.json:
         path = resolve_path(args.json, Path.cwd())

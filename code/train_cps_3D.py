@@ -24,7 +24,7 @@ from dataloaders.training_data import build_training_data  # noqa: E402
 from networks.initialization import kaiming_normal_init, xavier_normal_init  # noqa: E402
 from networks.net_factory_3d import net_factory_3d  # noqa: E402
 from utils import losses  # noqa: E402
-from utils.args import finalize_args, training_parser  # noqa: E402
+from utils.args import add_control_args, finalize_args, training_parser  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
 from utils.ramps import consistency_weight  # noqa: E402
 from utils.run import TrainingRun  # noqa: E402
@@ -38,6 +38,7 @@ def get_parser():
                              consistency=0.1, consistency_rampup=40.0)
     parser.add_argument("--has_dropout", type=int, choices=(0, 1), default=1,
                         help="Dropout3d(0.5) in both V-Nets (SSL4MIS's factory builds its vnet with it: 1)")
+    add_control_args(parser)
     return parser
 
 
@@ -62,18 +63,21 @@ def supervised_loss(logits, label):
     return 0.5 * (F.cross_entropy(logits, label) + DICE(torch.softmax(logits, dim=1), label))
 
 
-def cps_loss(logits1, logits2, label, weight, labeled_bs):
+def cps_loss(logits1, logits2, label, weight, labeled_bs, labelled_only=False):
     """Both networks' supervised losses ``+ weight *`` the cross pseudo supervision on the unlabelled crops:
-    each network's cross-entropy against the other's (detached) argmax."""
-    pseudo1 = torch.argmax(logits1[labeled_bs:].detach(), dim=1)
-    pseudo2 = torch.argmax(logits2[labeled_bs:].detach(), dim=1)
+    each network's cross-entropy against the other's (detached) argmax (not computed in the control of
+    ``--labelled_only``)."""
     loss_sup1 = supervised_loss(logits1[:labeled_bs], label)
     loss_sup2 = supervised_loss(logits2[:labeled_bs], label)
+    terms = {"loss_sup1": loss_sup1, "loss_sup2": loss_sup2}
+    if labelled_only:
+        return loss_sup1 + loss_sup2, terms
+    pseudo1 = torch.argmax(logits1[labeled_bs:].detach(), dim=1)
+    pseudo2 = torch.argmax(logits2[labeled_bs:].detach(), dim=1)
     loss_cps1 = F.cross_entropy(logits1[labeled_bs:], pseudo2)
     loss_cps2 = F.cross_entropy(logits2[labeled_bs:], pseudo1)
-    total = loss_sup1 + loss_sup2 + weight * (loss_cps1 + loss_cps2)
-    return total, {"loss_sup1": loss_sup1, "loss_sup2": loss_sup2, "loss_cps1": loss_cps1,
-                   "loss_cps2": loss_cps2, "consistency_weight": weight}
+    terms.update(loss_cps1=loss_cps1, loss_cps2=loss_cps2, consistency_weight=weight)
+    return loss_sup1 + loss_sup2 + weight * (loss_cps1 + loss_cps2), terms
 
 
 def main(argv=None):
@@ -98,7 +102,8 @@ def main(argv=None):
 
         with run.autocast():
             logits1, logits2 = model1(image), model2(image)
-        loss, terms = cps_loss(logits1.float(), logits2.float(), label, weight, args.labeled_bs)
+        loss, terms = cps_loss(logits1.float(), logits2.float(), label, weight, args.labeled_bs,
+                               bool(args.labelled_only))
 
         for optimizer in optimizers.values():
             optimizer.zero_grad(set_to_none=True)

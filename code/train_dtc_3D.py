@@ -22,7 +22,7 @@ from dataloaders.registry import get_dataset_spec  # noqa: E402
 from dataloaders.training_data import build_training_data  # noqa: E402
 from networks.net_factory_3d import net_factory_3d  # noqa: E402
 from utils import losses  # noqa: E402
-from utils.args import check_non_negative, finalize_args, training_parser  # noqa: E402
+from utils.args import add_control_args, check_non_negative, crops_read, finalize_args, training_parser  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
 from utils.ramps import consistency_weight  # noqa: E402
 from utils.run import TrainingRun  # noqa: E402
@@ -42,6 +42,7 @@ def get_parser():
                              "of the loss (default: 0)")
     method.add_argument("--has_dropout", type=int, choices=(0, 1), default=1,
                         help="Dropout3d(0.5) after the bottleneck and the last decoder block (default: 1)")
+    add_control_args(parser)
     return parser
 
 
@@ -63,13 +64,14 @@ def predict(nets, x):
 
 def dtc_loss(logits, sdf, label, sdf_target, weight, args):
     """``Dice(sigmoid(seg), y) + beta MSE(sdf, T(y)) [+ ce_weight BCE]`` on the labelled crops
-    ``+ weight * mean (sigmoid(seg) - sigmoid(-k sdf))^2`` over the whole batch (DTC, Eq. of L_DTC)."""
-    labeled = args.labeled_bs
+    ``+ weight * mean (sigmoid(seg) - sigmoid(-k sdf))^2`` over the whole batch (DTC, Eq. of L_DTC), or over
+    the labelled crops alone in the control of ``--labelled_only``."""
+    labeled, read = args.labeled_bs, crops_read(args, logits.shape[0])
     probs = torch.sigmoid(logits)
     loss_dice = losses.dice_loss(probs[:labeled, 0], label == 1)
     loss_sdf = torch.mean((sdf[:labeled, 0] - sdf_target) ** 2)
     loss_ce = F.binary_cross_entropy_with_logits(logits[:labeled, 0], label.float())
-    loss_consistency = torch.mean((torch.sigmoid(-args.sdf_k * sdf) - probs) ** 2)
+    loss_consistency = torch.mean((torch.sigmoid(-args.sdf_k * sdf[:read]) - probs[:read]) ** 2)
     supervised = loss_dice + args.beta * loss_sdf + args.ce_weight * loss_ce
     return supervised + weight * loss_consistency, {
         "loss_dice": loss_dice, "loss_sdf": loss_sdf, "loss_ce": loss_ce,

@@ -20,7 +20,7 @@ from dataloaders.registry import get_dataset_spec  # noqa: E402
 from dataloaders.training_data import build_training_data  # noqa: E402
 from networks.net_factory_3d import net_factory_3d  # noqa: E402
 from utils import losses  # noqa: E402
-from utils.args import add_mean_teacher_args, finalize_args, training_parser  # noqa: E402
+from utils.args import add_control_args, add_mean_teacher_args, finalize_args, training_parser  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
 from utils.ema import make_teacher, teacher_input, update_ema  # noqa: E402
 from utils.ramps import consistency_weight  # noqa: E402
@@ -32,6 +32,7 @@ def get_parser():
                              base_lr=0.01, seed=1337, labeled_bs=2, model="vnet",
                              consistency=0.1, consistency_rampup=40.0)
     add_mean_teacher_args(parser, ema_decay=0.99)
+    add_control_args(parser)
     parser.add_argument("--has_dropout", type=int, choices=(0, 1), default=1,
                         help="Dropout3d(0.5) after the bottleneck and the last decoder block (default: 1)")
     return parser
@@ -54,12 +55,22 @@ def predict(nets, x):
 
 def mean_teacher_loss(logits, label, teacher_logits, weight, labeled_bs):
     """``0.5 * (CE + Dice)`` on the labelled crops ``+ weight * mean (softmax(s) - softmax(t))^2`` on the
-    unlabelled ones; ``teacher_logits`` belong to the unlabelled crops. Returns the total and its terms."""
+    unlabelled ones; ``teacher_logits`` belong to the unlabelled crops (None: the control of
+    ``--labelled_only``, the supervised part alone). Returns the total and its terms."""
     loss_ce, loss_dice = losses.ce_and_dice(logits[:labeled_bs], label)
+    total = 0.5 * (loss_ce + loss_dice)
+    terms = {"loss_ce": loss_ce, "loss_dice": loss_dice}
+    if teacher_logits is None:
+        return total, terms
     loss_consistency = losses.softmax_mse_loss(logits[labeled_bs:], teacher_logits).mean()
-    total = 0.5 * (loss_ce + loss_dice) + weight * loss_consistency
-    return total, {"loss_ce": loss_ce, "loss_dice": loss_dice, "loss_consistency": loss_consistency,
-                   "consistency_weight": weight}
+    terms.update(loss_consistency=loss_consistency, consistency_weight=weight)
+    return total + weight * loss_consistency, terms
+
+
+def teacher_prediction(teacher, unlabeled):
+    """The teacher's logits on a noisy copy of the unlabelled crops, without gradient, in float32."""
+    with torch.no_grad():
+        return teacher(teacher_input(unlabeled)).float()
 
 
 def main(argv=None):
@@ -84,10 +95,9 @@ def main(argv=None):
                                     args.iterations_per_epoch)
 
         with run.autocast():
-            with torch.no_grad():
-                teacher_logits = teacher(teacher_input(image[args.labeled_bs:]))
+            teacher_logits = None if args.labelled_only else teacher_prediction(teacher, image[args.labeled_bs:])
             logits = model(image)
-        loss, terms = mean_teacher_loss(logits.float(), label, teacher_logits.float(), weight, args.labeled_bs)
+        loss, terms = mean_teacher_loss(logits.float(), label, teacher_logits, weight, args.labeled_bs)
 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -21,8 +21,8 @@ from dataloaders.registry import get_dataset_spec  # noqa: E402
 from dataloaders.training_data import build_training_data  # noqa: E402
 from networks.net_factory_3d import net_factory_3d  # noqa: E402
 from utils import losses  # noqa: E402
-from utils.args import (add_mean_teacher_args, add_uncertainty_args, check_mc_dropout, finalize_args,  # noqa: E402
-                        training_parser)
+from utils.args import (add_control_args, add_mean_teacher_args, add_uncertainty_args,  # noqa: E402
+                        check_mc_dropout, finalize_args, training_parser)
 from utils.cli import run_cli  # noqa: E402
 from utils.ema import make_teacher, teacher_input, update_ema  # noqa: E402
 from utils.ramps import consistency_weight, uncertainty_threshold  # noqa: E402
@@ -36,6 +36,7 @@ def get_parser():
                              consistency=0.1, consistency_rampup=40.0)
     add_mean_teacher_args(parser, ema_decay=0.99)
     add_uncertainty_args(parser, mc_samples=8, threshold_start=0.75, threshold_end=1.0)
+    add_control_args(parser)
     parser.add_argument("--has_dropout", type=int, choices=(0, 1), default=1,
                         help="Dropout3d(0.5) after the bottleneck and the last decoder block; the teacher's "
                              "MC passes need it (default: 1)")
@@ -67,15 +68,21 @@ def teacher_targets(teacher, unlabeled, mc_samples):
     return teacher_logits.float(), uncertainty.float()
 
 
-def uamt_loss(logits, label, teacher_logits, uncertainty, threshold, weight, labeled_bs):
+def uamt_loss(logits, label, teacher, threshold, weight, labeled_bs):
     """``0.5 * (CE + Dice)`` on the labelled crops ``+ weight * masked mean (softmax(s) - softmax(t))^2``
-    over the unlabelled voxels whose teacher uncertainty is below ``threshold``."""
+    over the unlabelled voxels whose teacher uncertainty is below ``threshold``; ``teacher`` is the output of
+    :func:`teacher_targets` (None: the control of ``--labelled_only``, the supervised part alone)."""
     loss_ce, loss_dice = losses.ce_and_dice(logits[:labeled_bs], label)
+    total = 0.5 * (loss_ce + loss_dice)
+    terms = {"loss_ce": loss_ce, "loss_dice": loss_dice}
+    if teacher is None:
+        return total, terms
+    teacher_logits, uncertainty = teacher
     mask = certain_mask(uncertainty, threshold)
     loss_consistency = losses.masked_mean(losses.softmax_mse_loss(logits[labeled_bs:], teacher_logits), mask)
-    total = 0.5 * (loss_ce + loss_dice) + weight * loss_consistency
-    return total, {"loss_ce": loss_ce, "loss_dice": loss_dice, "loss_consistency": loss_consistency,
-                   "consistency_weight": weight, "threshold": threshold, "certain_fraction": mask.mean()}
+    terms.update(loss_consistency=loss_consistency, consistency_weight=weight, threshold=threshold,
+                 certain_fraction=mask.mean())
+    return total + weight * loss_consistency, terms
 
 
 def main(argv=None):
@@ -102,10 +109,10 @@ def main(argv=None):
         threshold = uncertainty_threshold(iteration, args.max_iterations, args.threshold_start, args.threshold_end)
 
         with run.autocast():
-            teacher_logits, uncertainty = teacher_targets(teacher, image[args.labeled_bs:], args.mc_samples)
+            targets = None if args.labelled_only else teacher_targets(teacher, image[args.labeled_bs:],
+                                                                       args.mc_samples)
             logits = model(image)
-        loss, terms = uamt_loss(logits.float(), label, teacher_logits, uncertainty, threshold, weight,
-                                args.labeled_bs)
+        loss, terms = uamt_loss(logits.float(), label, targets, threshold, weight, args.labeled_bs)
 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -39,7 +39,7 @@ from dataloaders.training_data import build_training_data  # noqa: E402
 from networks.memory_queue import ClassMemoryQueue  # noqa: E402
 from networks.net_factory_3d import net_factory_3d  # noqa: E402
 from networks.ucseg_fusion import UncertaintyGuidedFusion  # noqa: E402
-from utils.args import check_non_negative, finalize_args, training_parser  # noqa: E402
+from utils.args import add_control_args, check_non_negative, crops_read, finalize_args, training_parser  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
 from utils.contrastive import masked_global_pool, prototype_queue_contrast, regional_info_nce  # noqa: E402
 from utils.errors import UserError  # noqa: E402
@@ -117,12 +117,14 @@ def get_parser():
                         help="first iteration of the copy-paste branch (default: 6000; >= max_iterations: never)")
     method.add_argument("--mix_fraction", type=float, default=2.0 / 3.0,
                         help="box edge as a fraction of the patch: int(96 x 2/3) = 64 (default: 2/3)")
+    add_control_args(parser)
     recompute.add_recompute_args(parser)
     return parser
 
 
 def mixing_enabled(args):
-    return args.mix_start < args.max_iterations
+    """Copy-paste mixing pairs labelled with unlabelled crops: never in the control of ``--labelled_only``."""
+    return args.mix_start < args.max_iterations and not args.labelled_only
 
 
 def check_method_args(args):
@@ -350,7 +352,9 @@ def unsupervised_total(terms, weight, args):
     part is the same loss."""
     subnet_losses = []
     for k in (1, 2):
-        loss = weight * terms[f"loss_unsup{k}"] + args.ife_weight * terms[f"loss_ife{k}"]
+        loss = args.ife_weight * terms[f"loss_ife{k}"]
+        if f"loss_unsup{k}" in terms:
+            loss = weight * terms[f"loss_unsup{k}"] + loss
         if args.diff_weight > 0:
             loss = loss + args.diff_weight * terms[f"loss_diff{k}"]
         subnet_losses.append(loss)
@@ -359,14 +363,22 @@ def unsupervised_total(terms, weight, args):
 
 def pass_terms(outputs, targets, first, queues, args):
     """The unsupervised term of one pass (crops ``first:`` against ``targets``: the unlabelled crops against
-    their pseudo-labels, or every mixed crop against its mixed label), and its contrast and
-    prediction-consistency terms over all its crops."""
+    their pseudo-labels, or every mixed crop against its mixed label; none when ``targets`` is None, in the
+    control of ``--labelled_only``), and its contrast and prediction-consistency terms over all its crops."""
     ife1, ife2, ic = ccp_losses(outputs, queues, args)
-    return {"loss_unsup1": segmentation_loss(outputs.logits1[first:], targets, args.dice_reduction),
-            "loss_unsup2": segmentation_loss(outputs.logits2[first:], targets, args.dice_reduction),
-            "loss_ife1": ife1, "loss_ife2": ife2, "loss_ic": ic,
-            "loss_diff1": prediction_consistency(outputs.logits1, outputs.logits2),
-            "loss_diff2": prediction_consistency(outputs.logits2, outputs.logits1)}
+    terms = {"loss_ife1": ife1, "loss_ife2": ife2, "loss_ic": ic,
+             "loss_diff1": prediction_consistency(outputs.logits1, outputs.logits2),
+             "loss_diff2": prediction_consistency(outputs.logits2, outputs.logits1)}
+    if targets is not None:
+        terms.update(loss_unsup1=segmentation_loss(outputs.logits1[first:], targets, args.dice_reduction),
+                     loss_unsup2=segmentation_loss(outputs.logits2[first:], targets, args.dice_reduction))
+    return terms
+
+
+def leading_crops(outputs, count):
+    """The :data:`Outputs` of the first ``count`` crops of a pass (logits, fused logits and features)."""
+    return Outputs(outputs.logits1[:count], outputs.logits2[:count], outputs.fused[:count],
+                   [f[:count] for f in outputs.features1], [f[:count] for f in outputs.features2])
 
 
 def ucseg_step(nets, image, label, iteration, args, autocast, recomputed=False):
@@ -374,25 +386,28 @@ def ucseg_step(nets, image, label, iteration, args, autocast, recomputed=False):
     ``label``; write the memory queues when the gate opens. Returns ``(loss, terms for the log)``, detached.
 
     With mixing, the plain pass is backpropagated before the mixed pass is built, so that the two passes'
-    graphs never coexist; the gradients accumulate to those of the whole loss."""
+    graphs never coexist; the gradients accumulate to those of the whole loss. In the control of
+    ``--labelled_only`` there are no pseudo-labels and no mixing, and the contrast terms and the queues read
+    the labelled crops alone."""
     labeled, queues = args.labeled_bs, nets["queues"]
     with autocast():
         outputs = forward(nets, image, args.contrast_levels, recomputed)
     annealing = au_annealing(iteration, args.max_iterations, args.au_start)
-    pseudo = foreground_masks(outputs.fused[labeled:], args.pseudo_lcc)
+    pseudo = None if args.labelled_only else foreground_masks(outputs.fused[labeled:], args.pseudo_lcc)
     terms = {"loss_sup1": supervised_loss(outputs.logits1[:labeled], label, annealing, args),
              "loss_sup2": supervised_loss(outputs.logits2[:labeled], label, annealing, args),
              "loss_fuse": supervised_loss(outputs.fused[:labeled], label, annealing, args)}
-    plain = pass_terms(outputs, pseudo, labeled, queues, args)
+    read = leading_crops(outputs, crops_read(args, image.shape[0]))
+    plain = pass_terms(read, pseudo, labeled, queues, args)
 
-    targets = torch.cat([one_hot(label), pseudo])
+    targets = one_hot(label) if pseudo is None else torch.cat([one_hot(label), pseudo])
     gate = queue_gate(iteration, args)
-    for k, logits, features in ((1, outputs.logits1, outputs.features1), (2, outputs.logits2, outputs.features2)):
+    for k, logits, features in ((1, read.logits1, read.features1), (2, read.logits2, read.features2)):
         dice = labelled_dice(logits[:labeled], label, args.gate_dice == "hard")
         written = update_queues(queues, k, features, targets, dice, gate, args.contrast_levels)
         terms.update({f"dice{k}": dice, f"queue_write{k}": float(written)})
 
-    mixing = iteration >= args.mix_start
+    mixing = mixing_enabled(args) and iteration >= args.mix_start
     weight = args.consistency_scale * consistency_weight(iteration, args.consistency, args.consistency_rampup,
                                                          args.iterations_per_epoch)
     loss = supervised_total(terms) + (0.5 if mixing else 1.0) * unsupervised_total(plain, weight, args)

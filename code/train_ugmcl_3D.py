@@ -31,8 +31,8 @@ from dataloaders.registry import get_dataset_spec  # noqa: E402
 from dataloaders.training_data import build_training_data  # noqa: E402
 from networks.net_factory_3d import net_factory_3d  # noqa: E402
 from utils import losses  # noqa: E402
-from utils.args import (add_mean_teacher_args, add_uncertainty_args, check_mc_dropout,  # noqa: E402
-                        check_non_negative, finalize_args, training_parser)
+from utils.args import (add_control_args, add_mean_teacher_args, add_uncertainty_args,  # noqa: E402
+                        check_mc_dropout, check_non_negative, crops_read, finalize_args, training_parser)
 from utils.cli import run_cli  # noqa: E402
 from utils.ema import make_teacher, teacher_input, update_ema  # noqa: E402
 from utils.errors import UserError  # noqa: E402
@@ -73,6 +73,7 @@ def get_parser():
     method.add_argument("--has_dropout", type=int, choices=(0, 1), default=1,
                         help="Dropout3d(0.5) after the bottleneck and the last decoder block; the teacher's "
                              "MC passes need it (default: 1)")
+    add_control_args(parser)
     return parser
 
 
@@ -86,8 +87,16 @@ def check_method_args(args):
 
 
 def uses_teacher(args):
-    """The teacher and its uncertainty are only needed when L_itc has a non-zero weight."""
-    return args.consistency > 0 and args.intra_weight > 0
+    """The teacher and its uncertainty are only needed when L_itc has a non-zero weight and crops to cover
+    (none in the control of ``--labelled_only`` when it covers the unlabelled crops alone)."""
+    return args.consistency > 0 and args.intra_weight > 0 and not (args.labelled_only
+                                                                    and args.intra_scope == "unlabeled")
+
+
+def intra_crops(args, batch_size):
+    """``slice`` of the batch that L_itc covers: ``--intra_scope``, cut to the labelled crops in the control of
+    ``--labelled_only``."""
+    return slice(0 if args.intra_scope == "batch" else args.labeled_bs, crops_read(args, batch_size))
 
 
 def build_networks(args):
@@ -163,21 +172,22 @@ def ugmcl_loss(outputs, label, sdf_target, teacher, threshold, weight, args):
     """``L = L_sup + weight * (intra_weight * L_itc + cross_weight * L_ctc)`` (Sec. 3.4).
 
     ``outputs`` is the student's ``(logits, sdf)`` on the whole batch (labelled crops first), ``teacher``
-    the output of :func:`teacher_targets` on the crops of ``--intra_scope`` (None when L_itc is off).
+    the output of :func:`teacher_targets` on the crops of :func:`intra_crops` (None when L_itc is off).
+    L_ctc covers the whole batch, or the labelled crops alone in the control of ``--labelled_only``.
     Returns the total and a dict of every term for the log.
     """
     logits, sdf = outputs
-    labeled = args.labeled_bs
+    labeled, read = args.labeled_bs, crops_read(args, logits.shape[0])
     total, terms = supervised_loss(logits[:labeled], sdf[:labeled], label, sdf_target, args)
-    loss_cross = cross_task_consistency(logits, sdf, args.sdf_k)
+    loss_cross = cross_task_consistency(logits[:read], sdf[:read], args.sdf_k)
     unsupervised = args.cross_weight * loss_cross
     terms.update(loss_cross=loss_cross, consistency_weight=weight)
     if teacher is not None:
         teacher_logits, teacher_sdf, uncertainty = teacher
-        start = 0 if args.intra_scope == "batch" else labeled
+        crops = intra_crops(args, logits.shape[0])
         mask = certain_mask(uncertainty, threshold)
         loss_intra, intra_seg, intra_sdf = intra_task_consistency(
-            logits[start:], sdf[start:], teacher_logits, teacher_sdf, mask, args.beta)
+            logits[crops], sdf[crops], teacher_logits, teacher_sdf, mask, args.beta)
         unsupervised = unsupervised + args.intra_weight * loss_intra
         terms.update(loss_intra=loss_intra, loss_intra_seg=intra_seg, loss_intra_sdf=intra_sdf,
                      threshold=threshold, certain_fraction=mask.mean())
@@ -209,7 +219,7 @@ def main(argv=None):
         threshold = uncertainty_threshold(iteration, args.max_iterations, args.threshold_start, args.threshold_end)
 
         with run.autocast():
-            scope = image if args.intra_scope == "batch" else image[args.labeled_bs:]
+            scope = image[intra_crops(args, image.shape[0])]
             targets = teacher_targets(teacher, scope, args) if uses_teacher(args) else None
             logits, sdf = model(image)
         loss, terms = ugmcl_loss((logits.float(), sdf.float()), label, sdf_target, targets, threshold, weight, args)

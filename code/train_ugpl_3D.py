@@ -39,7 +39,7 @@ from dataloaders.training_data import build_training_data  # noqa: E402
 from networks.initialization import kaiming_normal_init  # noqa: E402
 from networks.net_factory_3d import net_factory_3d  # noqa: E402
 from utils import losses, recompute  # noqa: E402
-from utils.args import check_non_negative, finalize_args, training_parser  # noqa: E402
+from utils.args import add_control_args, check_non_negative, crops_read, finalize_args, training_parser  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.ramps import consistency_weight  # noqa: E402
@@ -86,6 +86,7 @@ def get_parser():
                         help="Dropout3d(0.5) in both networks, as the code (default: 1)")
     method.add_argument("--rot_flip", type=int, choices=(0, 1), default=0,
                         help="random rotation/flip before the crop (default: 0; the code only crops)")
+    add_control_args(parser)
     recompute.add_recompute_args(parser)
     return parser
 
@@ -251,24 +252,31 @@ def ugpl_loss(outputs, label, proto_weight, args):
 
     ``outputs`` maps ``subnet_a``/``subnet_b`` to ``(logits, features)`` on the whole batch (labelled crops
     first). The loser (higher labelled Dice loss; B on a tie, as the code) supplies the features of
-    ``L_c``, whose gradient reaches only the loser. Returns the total and a dict of every term for the log.
+    ``L_c``, whose gradient reaches only the loser. In the control of ``--labelled_only`` the terms of the
+    unlabelled crops (L_u, L_c) are off and ``L_kl``, ``L_cos`` cover the labelled crops alone. Returns the
+    total and a dict of every term for the log.
     """
-    labeled = args.labeled_bs
+    labeled, read = args.labeled_bs, crops_read(args, outputs["subnet_a"][0].shape[0])
     (logits_a, _), (logits_b, _) = outputs["subnet_a"], outputs["subnet_b"]
     prob_a, prob_b = torch.softmax(logits_a, dim=1), torch.softmax(logits_b, dim=1)
     mask = confident_disagreement(prob_a[:labeled].detach(), prob_b[:labeled].detach(), args.cr_threshold)
     sup_a, terms_a = supervised_loss(logits_a[:labeled], label, mask, args.cr_weight)
     sup_b, terms_b = supervised_loss(logits_b[:labeled], label, mask, args.cr_weight)
+    loss_kl = kl_rectified_loss(logits_a[:read], logits_b[:read])
+    if args.kl_symmetric:
+        loss_kl = loss_kl + kl_rectified_loss(logits_b[:read], logits_a[:read])
+    loss_cos = cosine_consistency(prob_a[:read], prob_b[:read])
+    terms = {f"loss_{name}_{net}": value for net, net_terms in (("a", terms_a), ("b", terms_b))
+             for name, value in net_terms.items()}
+    terms.update(loss_sup_a=sup_a, loss_sup_b=sup_b, loss_kl=loss_kl, loss_cos=loss_cos)
+    if args.labelled_only:
+        return sup_a + sup_b + args.kl_weight * loss_kl + args.cos_weight * loss_cos, terms
     loser = "subnet_a" if terms_b["dice"] < terms_a["dice"] else "subnet_b"
 
     target = filtered_pseudo_label(logits_a[labeled:], logits_b[labeled:], args.entropy_percentile,
                                    args.code_faithful)
     loss_u_a = pseudo_label_loss(logits_a[labeled:], target, args.kept_rescale, args.code_faithful)
     loss_u_b = pseudo_label_loss(logits_b[labeled:], target, args.kept_rescale, args.code_faithful)
-    loss_kl = kl_rectified_loss(logits_a, logits_b)
-    if args.kl_symmetric:
-        loss_kl = loss_kl + kl_rectified_loss(logits_b, logits_a)
-    loss_cos = cosine_consistency(prob_a, prob_b)
     loser_logits, loser_features = outputs[loser]
     with torch.set_grad_enabled(torch.is_grad_enabled() and not args.code_faithful):
         loss_proto = prototype_contrast(loser_features[labeled:], target, loser_logits[labeled:].argmax(dim=1),
@@ -276,10 +284,7 @@ def ugpl_loss(outputs, label, proto_weight, args):
 
     total = (sup_a + sup_b + args.pseudo_weight * (loss_u_a + loss_u_b) + args.kl_weight * loss_kl
              + args.cos_weight * loss_cos + proto_weight * loss_proto)
-    terms = {f"loss_{name}_{net}": value for net, net_terms in (("a", terms_a), ("b", terms_b))
-             for name, value in net_terms.items()}
-    terms.update(loss_sup_a=sup_a, loss_sup_b=sup_b, loss_u_a=loss_u_a, loss_u_b=loss_u_b, loss_kl=loss_kl,
-                 loss_cos=loss_cos, loss_proto=loss_proto, proto_weight=proto_weight,
+    terms.update(loss_u_a=loss_u_a, loss_u_b=loss_u_b, loss_proto=loss_proto, proto_weight=proto_weight,
                  kept_fraction=(target != IGNORE).float().mean(), loser_is_a=float(loser == "subnet_a"))
     return total, terms
 

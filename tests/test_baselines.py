@@ -49,7 +49,7 @@ def test_teacher_gets_no_gradient_and_follows_the_student_by_ema(module):
         loss, terms = mt.mean_teacher_loss(model(image), label, teacher_logits, 0.1, LABELED_BS)
     else:
         teacher_logits, uncertainty = uamt.teacher_targets(teacher, image[LABELED_BS:], 2)
-        loss, terms = uamt.uamt_loss(model(image), label, teacher_logits, uncertainty, LN2 + 1, 0.1, LABELED_BS)
+        loss, terms = uamt.uamt_loss(model(image), label, (teacher_logits, uncertainty), LN2 + 1, 0.1, LABELED_BS)
     assert terms["loss_consistency"] > 0
     loss.backward()
     assert all(g is None for g in grads(teacher)) and all(g is not None for g in grads(model))
@@ -68,7 +68,7 @@ def test_consistency_reaches_only_the_unlabelled_crops(module):
         _, terms = mt.mean_teacher_loss(logits, label, teacher_logits, 0.1, LABELED_BS)
     else:
         uncertainty = torch.rand(2, 1, *SHAPE) * LN2
-        _, terms = uamt.uamt_loss(logits, label, teacher_logits, uncertainty, 0.5, 0.1, LABELED_BS)
+        _, terms = uamt.uamt_loss(logits, label, (teacher_logits, uncertainty), 0.5, 0.1, LABELED_BS)
     terms["loss_consistency"].backward()
     assert logits.grad[:LABELED_BS].abs().sum() == 0 and logits.grad[LABELED_BS:].abs().sum() > 0
 
@@ -78,9 +78,9 @@ def test_uamt_threshold_extremes():
     logits, teacher_logits = torch.randn(4, 2, *SHAPE), torch.randn(2, 2, *SHAPE)
     uncertainty = torch.rand(2, 1, *SHAPE) * LN2
     _, label = batch()
-    nothing = uamt.uamt_loss(logits, label, teacher_logits, uncertainty, 0.0, 0.1, LABELED_BS)[1]
+    nothing = uamt.uamt_loss(logits, label, (teacher_logits, uncertainty), 0.0, 0.1, LABELED_BS)[1]
     assert nothing["loss_consistency"] == 0 and nothing["certain_fraction"] == 0
-    everything = uamt.uamt_loss(logits, label, teacher_logits, uncertainty, LN2 + 1e-3, 0.1, LABELED_BS)[1]
+    everything = uamt.uamt_loss(logits, label, (teacher_logits, uncertainty), LN2 + 1e-3, 0.1, LABELED_BS)[1]
     plain = mt.mean_teacher_loss(logits, label, teacher_logits, 0.1, LABELED_BS)[1]
     torch.testing.assert_close(everything["loss_consistency"], plain["loss_consistency"])
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_one_line_error, call_main
-from report.paired import bootstrap_interval, compare, main, paired_differences, wilcoxon_p
+from report.paired import better_in_every_seed, bootstrap_interval, compare, main, paired_differences, wilcoxon_p
 
 
 def test_differences_pair_only_the_keys_both_runs_scored():
@@ -56,10 +56,22 @@ def test_command_line_compares_evaluations_on_their_shared_cases(tmp_path):
     same = write_metrics(tmp_path / "same", {"a": 0.70, "b": 0.80, "c": 0.60})
     proc = call_main(main, baseline, other / "metrics.csv", same, check=True)
     first, second = proc.stdout.splitlines()
-    assert first == (f"{other / 'metrics.csv'}: Dice 75.50 vs 75.00, difference +0.50 points, bootstrap 95 % "
+    assert first == (f"{other / 'metrics.csv'}: Dice 75.50 vs 75.00, difference +0.50 points (median +0.50), "
+                     "bootstrap 95 % "
                      "interval [-1.00, +2.00], Wilcoxon p 1, better on 1 and worse on 1 of 2 cases (only the 2 cases "
                      "both evaluated: 3 and 3 in all)")
     assert second.startswith(f"{same}: Dice 70.00 vs 70.00, difference +0.00 points") and "p nan" in second
+
+
+def test_median_and_cases_better_in_every_seed_are_not_carried_by_one_case():
+    """One case that gains 80 points moves the mean by 20 over four cases, but not the median; a case counts as
+    better in every seed only when each of its seeds is better, and only cases paired in every seed count."""
+    differences = [((1, "a"), 80.0), ((1, "b"), -1.0), ((1, "c"), 1.0), ((1, "d"), -2.0),
+                   ((2, "a"), 5.0), ((2, "b"), 2.0), ((2, "c"), -1.0)]
+    stats = compare([d for _, d in differences[:4]])
+    assert stats.mean == pytest.approx(19.5) and stats.median == pytest.approx(0.0)
+    assert better_in_every_seed(differences) == (1, 3)
+    assert better_in_every_seed(differences[:4]) == (2, 4)
 
 
 def test_command_line_refuses_a_folder_without_metrics_in_one_line(tmp_path):

@@ -142,3 +142,42 @@ def test_labelled_draws_and_validation_selection(tmp_path):
     listed = [line for line in reproduce(tmp_path, METHODS="mt", LABEL_SEEDS="1 2", VAL_NUM="2",
                                          PRINT_JOBS="1").stdout.splitlines() if line.startswith("env ")]
     assert [("LABEL_SEEDS=1" in line, "LABEL_SEEDS=2" in line) for line in listed] == [(True, False), (False, True)]
+
+
+def quick_la(tmp_path, **env):
+    """``QUICK=1 bash reproduce.sh`` on a stand-in for LA whose half-resolution copy already exists (so nothing
+    is resampled): 10 training cases."""
+    for folder in ("LA", "LA_half"):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        (tmp_path / folder / "train.list").write_text("".join(f"case{i}\n" for i in range(10)))
+    (tmp_path / "LA_half" / "resample.json").write_text("{}")
+    settings = {"DATA_ROOT": str(tmp_path / "LA"), "HALF_ROOT": str(tmp_path / "LA_half"), "QUICK": "1",
+                "DEVICE": "cpu", **env}
+    return subprocess.run(["bash", str(REPO_ROOT / "reproduce.sh")], cwd=tmp_path, capture_output=True,
+                          encoding="utf-8", errors="replace", env={**os.environ, **settings}, timeout=300)
+
+
+def test_the_cpu_protocol_runs_every_method_with_its_control_for_three_seeds(tmp_path):
+    """QUICK=1's table: per seed (1337, 2024, 42) the labelled-only V-Net, each semi-supervised method followed
+    by its matched control, and the all-labels V-Net, each printed job with one compute thread."""
+    proc = quick_la(tmp_path, PRINT_JOBS="1")
+    assert proc.returncode == 0, proc.stderr
+    jobs = [dict(item.split("=", 1) for item in line.split() if "=" in item) for line in proc.stdout.splitlines()]
+    methods = ["supervised"] + [f"{m}{suffix}" for m in ("mt", "uamt", "dtc", "cps", "ugmcl", "ucseg", "ugpl")
+                                for suffix in ("", "_control")]
+    expected = [(method, "6", seed) for seed in ("1337", "2024", "42")
+                for method in methods + ["supervised"]]
+    assert [(j["METHODS"], j["LABELNUMS"], j["SEEDS"]) for j in jobs] == [
+        (m, "10" if i % 16 == 15 else n, s) for i, (m, n, s) in enumerate(expected)]
+    assert all(j["CONTROLS"] == "0" and j["UPPER_BOUND"] == "0" for j in jobs)
+
+
+def test_another_output_root_keeps_the_committed_table_and_a_control_needs_a_method(tmp_path):
+    """With its own OUTPUT_ROOT, a QUICK=1 call writes its table beside its runs, not over docs/results_quick.md;
+    the labelled-only V-Net has no control."""
+    proc = quick_la(tmp_path, OUTPUT_ROOT=str(tmp_path / "probe"), METHODS="supervised_control", PLOTS="0")
+    assert proc.returncode == 1
+    assert f"2 at a time; table {tmp_path / 'probe' / 'results.md'}\n" in proc.stdout
+    assert "results_quick.md" not in proc.stdout
+    log = tmp_path / "probe" / "logs" / "supervised_control_6_seed1337.log"
+    assert "unknown method 'supervised_control'" in log.read_text(encoding="utf-8")

@@ -50,6 +50,7 @@ def build_training_data(args, spec, semi_supervised=True, signed_distance=False,
     train_set = dataset_class(args.root_path, "train", case_ids=labelled + (unlabelled if semi_supervised else []),
                               transform=transform, cache=bool(args.cache))
     train_set.validation_cases = validation
+    train_set.listed_cases = len(train_ids)
     has_test_list = (Path(args.root_path) / dataset_class.SPLIT_FILES["test"]).is_file()
     test_set = dataset_class(args.root_path, "test") if has_test_list or not args.no_eval else None
     train_set.warnings = data_warnings(train_set, labelled, test_set)

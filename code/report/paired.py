@@ -4,7 +4,7 @@ One seed on 20 test cases gives a mean Dice whose noise hides differences of a f
 is how hard each case is, which both runs share. Comparing case by case removes it: for every (seed, case)
 that both runs scored, the difference of their Dice, and over those differences
 
-- the mean difference;
+- the mean difference, and the median (what a typical case gains: a mean can be one case's);
 - a bootstrap 95 % interval of that mean: the pairs resampled with replacement ``BOOTSTRAP_RESAMPLES`` times
   with a fixed seed (so that a table is the same every time it is written), percentile interval;
 - the two-sided Wilcoxon signed-rank p-value (``scipy.stats.wilcoxon``; pairs with a zero difference are left
@@ -42,6 +42,7 @@ class PairedComparison:
 
     n: int
     mean: float
+    median: float
     low: float
     high: float
     p_value: float
@@ -82,8 +83,20 @@ def compare(differences):
     if values.size == 0:
         raise ValueError("a paired comparison needs at least one pair")
     low, high = bootstrap_interval(values)
-    return PairedComparison(n=int(values.size), mean=float(values.mean()), low=low, high=high,
+    return PairedComparison(n=int(values.size), mean=float(values.mean()), median=float(np.median(values)),
+                            low=low, high=high,
                             p_value=wilcoxon_p(values), better=int((values > 0).sum()), worse=int((values < 0).sum()))
+
+
+def better_in_every_seed(differences):
+    """``(cases better in every seed, cases)`` of ``[((seed, case), difference)]``: a case counts when each of its
+    seeds gives a positive difference; only cases paired in every seed that occurs are counted."""
+    seeds = {seed for (seed, _), _ in differences}
+    by_case = {}
+    for (seed, case), difference in differences:
+        by_case.setdefault(case, {})[seed] = difference
+    complete = [values for values in by_case.values() if set(values) == seeds]
+    return sum(all(value > 0 for value in values.values()) for values in complete), len(complete)
 
 
 def metrics_rows(eval_dir):
@@ -117,7 +130,8 @@ def describe(name, scores, baseline, differences):
     base = sum(baseline[case] for case in shared) / len(shared)
     extra = "" if len(shared) == len(scores) == len(baseline) else \
         f" (only the {len(shared)} cases both evaluated: {len(scores)} and {len(baseline)} in all)"
-    return (f"{name}: Dice {mean:.2f} vs {base:.2f}, difference {comparison.mean:+.2f} points, "
+    return (f"{name}: Dice {mean:.2f} vs {base:.2f}, difference {comparison.mean:+.2f} points (median "
+            f"{comparison.median:+.2f}), "
             f"bootstrap 95 % interval [{comparison.low:+.2f}, {comparison.high:+.2f}], Wilcoxon p "
             f"{comparison.p_value:.2g}, better on {comparison.better} and worse on {comparison.worse} of "
             f"{comparison.n} cases{extra}")

@@ -19,6 +19,7 @@ there, else from the repository root; ``--out`` always from the repository root.
 import json
 import math
 import re
+import shutil
 import statistics
 import sys
 from collections import defaultdict
@@ -30,12 +31,16 @@ if CODE_DIR not in sys.path:
     sys.path.insert(0, CODE_DIR)
 
 from utils.atomic import write_atomically  # noqa: E402
-from utils.cli import ArgumentParser, output_path, resolve_path, run_cli  # noqa: E402
+from utils.cli import REPO_ROOT, ArgumentParser, output_path, resolve_path, run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.run_files import BEST_VAL  # noqa: E402
-from report.paired import BOOTSTRAP_RESAMPLES, compare, metrics_rows, paired_differences  # noqa: E402
+from report.paired import (BOOTSTRAP_RESAMPLES, better_in_every_seed, compare, metrics_rows,  # noqa: E402
+                           paired_differences)
 
 FAILED = "failed / not evaluated"
+CONTROL_SUFFIX = "_control"  # reproduce.sh's experiment name of a method's control: MT_control
+EVALUATION_FILES = ("summary.json", "metrics.csv")  # what a folder of run files keeps of an evaluation
+TABLE_FILE = "table.json"  # title, note and output file of the table a folder of run files defines
 UPPER_BOUND = "V-Net (all labels)"
 METRIC_COLUMNS = (("dice", "Dice (%)", 100), ("jaccard", "Jaccard (%)", 100), ("hd95", "95HD", 1),
                   ("asd", "ASD", 1))
@@ -144,6 +149,8 @@ class Run:
     summary: dict = None
     problem: str = None
     best_summary: dict = None  # the test evaluation of best_val.pth (weights selected on validation), if any
+    best_dir: Path = None  # its folder
+    listed_cases: int = None  # cases of the training list the run read (config.json), where it recorded them
 
     @property
     def seed(self):
@@ -157,6 +164,11 @@ class Run:
     @property
     def labelnum(self):
         return self.args["labelnum"]
+
+    @property
+    def control(self):
+        """Whether the run is a method's matched control (``--labelled_only 1``: no unlabelled loss terms)."""
+        return bool(self.args.get("labelled_only", 0))
 
     @property
     def final_checkpoint(self):
@@ -177,16 +189,27 @@ class Row:
     tag_seeds: list
     upper_bound: bool = False
 
+    @property
+    def control(self):
+        """A row of a method's matched control (``--labelled_only 1``)."""
+        return (self.runs or self.failed)[0].control
+
 
 @dataclass
 class Comparison:
-    """A row compared case by case with the labelled-only V-Net (``baseline``): the differences of Dice in
-    percentage points, ``[((seed, case), difference)]``, and their ``report.paired.PairedComparison``."""
+    """A row compared case by case with the labelled-only V-Net, or with the method's own control
+    (``baseline``): the differences of Dice in percentage points, ``[((seed, case), difference)]``, and their
+    ``report.paired.PairedComparison``."""
 
     row: Row
     baseline: Row
     differences: list
     stats: object
+
+    @property
+    def every_seed(self):
+        """``(cases better in every seed, cases paired in every seed)``."""
+        return better_in_every_seed(self.differences)
 
 
 @dataclass
@@ -198,6 +221,7 @@ class Results:
     num_runs: int
     notes: list = field(default_factory=list)
     comparisons: list = field(default_factory=list)
+    control_comparisons: list = field(default_factory=list)  # each method against its own control
 
 
 # -- reading runs ------------------------------------------------------------------------------------------
@@ -230,11 +254,12 @@ def read_run(run_dir, model_dir):
         if key not in args:
             raise ValueError(f"no args.{key}")
     tag, variant = experiment_names(args)
-    run = Run(run_dir, str(run_dir.relative_to(model_dir)), config["script"], args, tag, variant)
+    run = Run(run_dir, str(run_dir.relative_to(model_dir)), config["script"], args, tag, variant,
+              listed_cases=config.get("listed_training_cases"))
     run.eval_dir, run.summary, run.problem = choose_evaluation(run)
     best = evaluations(run, BEST_VAL)
     if best:
-        run.best_summary = min(best, key=lambda item: evaluation_preference(run, *item))[1]
+        run.best_dir, run.best_summary = min(best, key=lambda item: evaluation_preference(run, *item))
     return run
 
 
@@ -291,8 +316,11 @@ def choose_evaluation(run):
 
 
 def count_training_cases(run):
-    """Training cases of the run's data: lines of ``<root_path>/train.list``, else the log's ``L labelled +
-    U unlabelled cases`` line; None when neither is there."""
+    """Training cases of the run's data: as the run recorded them in ``config.json``, else the lines of
+    ``<root_path>/train.list``, else the log's ``L labelled + U unlabelled cases`` line; None when none is
+    there."""
+    if run.listed_cases is not None:
+        return run.listed_cases
     root = run.args.get("root_path")
     train_list = Path(root) / "train.list" if root else None
     if train_list and train_list.is_file():
@@ -319,7 +347,8 @@ def collect(model_dir):
     runs, duplicates = drop_duplicate_seeds(runs)
     notes += duplicates
     rows = group_rows(runs)
-    return Results(model_dir, rows, len(runs), notes + run_notes(runs), paired_comparisons(rows))
+    return Results(model_dir, rows, len(runs), notes + run_notes(runs), paired_comparisons(rows),
+                   control_comparisons(rows))
 
 
 def drop_duplicate_seeds(runs):
@@ -341,7 +370,7 @@ def config_key(run):
     """What must be equal for runs to be seeds of one experiment (runs of older code have width 16): the
     labelled subset included, so that each draw of ``--label_seed`` is a row of its own."""
     return (run.tag, run.variant, run.script, run.args["model"], run.labelnum, run.args["max_iterations"],
-            run.args.get("n_filters", 16), run.label_seed)
+            run.args.get("n_filters", 16), run.control, run.label_seed)
 
 
 def protocol_key(run):
@@ -357,11 +386,13 @@ def method_of(run):
 
 
 def method_label(run, method, upper_bound):
-    """The method column: its name, plus the experiment or network when they are not ``reproduce.sh``'s."""
-    extras = [f"exp {run.variant}"] if run.variant != method.exp else []
+    """The method column: its name (a control: "<name>: own control"), plus the experiment or network when they
+    are not ``reproduce.sh``'s."""
+    exp = method.exp + (CONTROL_SUFFIX if run.control else "")
+    extras = [f"exp {run.variant}"] if run.variant != exp else []
     extras += [f"model {run.args['model']}"] if run.args["model"] != method.model else []
     extras += [f"labelled draw {run.label_seed}"] if run.label_seed is not None else []
-    name = UPPER_BOUND if upper_bound else method.name
+    name = UPPER_BOUND if upper_bound else f"{method.name}: own control" if run.control else method.name
     return f"{name} ({', '.join(extras)})" if extras else name
 
 
@@ -465,6 +496,28 @@ def paired_comparisons(rows):
     return comparisons
 
 
+def matched_key(row):
+    """What a method's row and its control's row share: the configuration but the experiment name and the
+    control flag, and the evaluation protocol."""
+    tag, _, *configuration, _, label_seed = config_key(row.runs[0])
+    return (tag, *configuration, label_seed) + protocol_key(row.runs[0])
+
+
+def control_comparisons(rows):
+    """Each evaluated semi-supervised row against the row of its own control (``--labelled_only 1``, the same
+    script, configuration and evaluation), where both share pairs."""
+    controls = {matched_key(row): row for row in rows if row.runs and row.control}
+    comparisons = []
+    for row in rows:
+        if not row.runs or row.control or row.method.key == "supervised":
+            continue
+        control = controls.get(matched_key(row))
+        differences = paired_differences(case_scores(row), case_scores(control)) if control else []
+        if differences:
+            comparisons.append(Comparison(row, control, differences, compare([d for _, d in differences])))
+    return comparisons
+
+
 def band_share(comparison, comparisons):
     """The mean difference as a share of the band (the all-labels V-Net's mean difference to the same
     labelled-only run): 0 % is the labelled-only V-Net, 100 % the all-labels one; None without a band."""
@@ -474,20 +527,39 @@ def band_share(comparison, comparisons):
     return None
 
 
-def comparison_lines(comparisons):
-    """The markdown table of the paired comparisons and its notes."""
+def p_cell(stats):
+    """A Wilcoxon p-value with two significant digits, "–" when there is none (every difference zero)."""
+    return "–" if stats.p_value != stats.p_value else f"{stats.p_value:.2g}"
+
+
+def control_cell(comparison):
+    """``+3.54 [-0.59, +8.68], p 0.13, median +2.10``: a method's gain over its own control, or "–"."""
+    if comparison is None:
+        return "–"
+    stats = comparison.stats
+    return (f"{stats.mean:+.2f} [{stats.low:+.2f}, {stats.high:+.2f}], p {p_cell(stats)}, median "
+            f"{stats.median:+.2f}")
+
+
+def comparison_lines(comparisons, control_comparisons=()):
+    """The markdown table of the paired comparisons (with each method's gain over its own control) and its
+    notes."""
     header = ["data", "method", "labelled", "pairs (seed × case)", "ΔDice mean (points)", "95 % CI (bootstrap)",
-              "Wilcoxon p", "better / worse", "share of the band"]
+              "Wilcoxon p", "median (points)", "better / worse", "cases better in every seed", "share of the band",
+              "gain over its own control"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     notes = []
+    own_control = {id(c.row): c for c in control_comparisons}
     for comparison in comparisons:
         row, stats = comparison.row, comparison.stats
         labelled = f"{row.labelnum} vs {comparison.baseline.labelnum}" if row.upper_bound else str(row.labelnum)
         share = None if row.upper_bound else band_share(comparison, comparisons)
-        p_value = "–" if stats.p_value != stats.p_value else f"{stats.p_value:.2g}"
+        better, cases = comparison.every_seed
         cells = [row.tag, row.label, labelled, str(stats.n), f"{stats.mean:+.2f}",
-                 f"[{stats.low:+.2f}, {stats.high:+.2f}]", p_value, f"{stats.better} / {stats.worse}",
-                 "–" if share is None else f"{share:.0f} %"]
+                 f"[{stats.low:+.2f}, {stats.high:+.2f}]", p_cell(stats), f"{stats.median:+.2f}",
+                 f"{stats.better} / {stats.worse}", f"{better} of {cases}",
+                 "–" if share is None else f"{share:.0f} %",
+                 control_cell(own_control.get(id(row)))]
         lines.append("| " + " | ".join(cells) + " |")
         ours, theirs = row.runs[0].summary["protocol"], comparison.baseline.runs[0].summary["protocol"]
         if ours["nms"] != theirs["nms"]:
@@ -654,35 +726,108 @@ def render(results, title, note=None, model_label=None):
                   "spread the choice of labelled cases causes) beside the pooled standard deviation over training "
                   "seeds within a draw (the spread the seed causes).", ""] + subsets
     if results.comparisons:
-        table, notes = comparison_lines(results.comparisons)
+        table, notes = comparison_lines(results.comparisons, results.control_comparisons)
         lines += ["", "## Paired comparison with the labelled-only V-Net", "",
                   "Each method against the labelled-only V-Net with the same labelled cases, case by case on the same "
                   "test cases (and seeds: a pair is one seed and one case): the mean difference of Dice in points, "
                   f"its bootstrap 95 % interval ({BOOTSTRAP_RESAMPLES:,} resamples of the pairs), the two-sided "
-                  "Wilcoxon signed-rank p-value, and how many pairs are better and worse (`code/report/paired.py`). "
+                  "Wilcoxon signed-rank p-value, the median difference (what a typical case gains), how many pairs "
+                  "are better and worse, and how many cases are better in every seed (`code/report/paired.py`). "
                   "The all-labels V-Net compared the same way gives the band; \"share of the band\" places a method "
-                  "in it (0 %: the labelled-only V-Net, 100 %: the all-labels one). No number here was selected on "
-                  "the test set.", ""]
+                  "in it (0 %: the labelled-only V-Net, 100 %: the all-labels one). \"Gain over its own control\" "
+                  "compares a method the same way with its matched control: its own script with every loss term "
+                  "that reads an unlabelled crop off (`--labelled_only 1`), the same networks, batches and "
+                  "schedule, so it is what the unlabelled data add. No number here was selected on the test set.",
+                  ""]
         lines += table + ([""] + [f"- {note}" for note in notes] if notes else [])
     return "\n".join(lines) + "\n"
 
 
+# -- the files that define a table ---------------------------------------------------------------------------
+def export_run_files(results, out, table):
+    """Copy, for every run of ``results``, the small files that define its numbers into ``out`` (the run
+    folders' layout kept): ``config.json``, and ``summary.json`` and ``metrics.csv`` of the evaluation the table
+    uses and of the one of ``best_val.pth``; no weights, no logs. ``table`` (title, note, out) goes to
+    ``out/table.json``, so that ``summarize.py --model_dir <out>`` writes the same document again without
+    training. ``out`` is replaced as a whole (built beside it, then swapped in), so that a run no longer in the
+    results leaves no files behind."""
+    staging, previous = out.with_name(out.name + ".new"), out.with_name(out.name + ".old")
+    for folder in (staging, previous):
+        shutil.rmtree(folder, ignore_errors=True)
+    for run in (run for row in results.rows for run in row.runs + row.failed):
+        destination = staging / run.name
+        destination.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(run.path / "config.json", destination / "config.json")
+        for folder in (run.eval_dir, run.best_dir):
+            if folder is not None:
+                (destination / folder.name).mkdir()
+                for name in EVALUATION_FILES:
+                    if (folder / name).is_file():
+                        shutil.copy2(folder / name, destination / folder.name / name)
+    staging.mkdir(parents=True, exist_ok=True)
+    (staging / TABLE_FILE).write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
+    if out.exists():
+        out.rename(previous)
+    staging.rename(out)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def table_settings(folder, args):
+    """Title, note and output file of the document: the flags given, else those ``table.json`` of a folder of
+    run files records (:func:`export_run_files`; ``folder``, the one read or the one written), else the
+    defaults."""
+    recorded = {}
+    path = Path(folder) / TABLE_FILE
+    if path.is_file():
+        try:
+            recorded = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise UserError(f"{path} cannot be read ({exc})") from None
+    return {key: getattr(args, key) if getattr(args, key) is not None else recorded.get(key, default)
+            for key, default in (("title", "Results"), ("note", None), ("out", "docs/results.md"))}
+
+
+def folder_label(path):
+    """How the document names the folder it was made from: relative to the repository root when inside it, so
+    that the same folder gives the same document from any working directory."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
 def get_parser():
     parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model_dir", default="model", help="folder holding the runs (default: model)")
-    parser.add_argument("--out", default="docs/results.md",
-                        help="markdown file to write, relative to the repository root (default: docs/results.md)")
-    parser.add_argument("--title", default="Results", help="heading of the document (default: Results)")
-    parser.add_argument("--note", default=None, help="paragraph printed under the heading")
+    parser.add_argument("--model_dir", default="model",
+                        help="folder holding the runs, or the run files a table was made from (default: model)")
+    parser.add_argument("--out", default=None,
+                        help="markdown file to write, relative to the repository root (default: the one the run "
+                             "files' table.json names, else docs/results.md)")
+    parser.add_argument("--title", default=None,
+                        help="heading of the document (default: table.json's, else Results)")
+    parser.add_argument("--note", default=None, help="paragraph printed under the heading (default: table.json's)")
+    parser.add_argument("--run_files", default=None,
+                        help="first copy the files that define every run's numbers (config.json, the evaluations' "
+                             "summary.json and metrics.csv) into this folder, relative to the repository root, "
+                             "and make the table from it: the folder is committed beside the table, and "
+                             "`summarize.py --model_dir <folder>` writes the table again without training")
     return parser
 
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    results = collect(resolve_path(args.model_dir))
-    out = output_path(args.out)
+    model_dir = resolve_path(args.model_dir)
+    results = collect(model_dir)
+    if args.run_files:
+        model_dir = output_path(args.run_files)
+        settings = table_settings(model_dir, args)
+        export_run_files(results, model_dir, settings)
+        results = collect(model_dir)
+    else:
+        settings = table_settings(model_dir, args)
+    out = output_path(settings["out"])
     out.parent.mkdir(parents=True, exist_ok=True)
-    text = render(results, args.title, args.note, model_label=args.model_dir)
+    text = render(results, settings["title"], settings["note"], model_label=folder_label(model_dir))
     write_atomically(out, lambda handle: handle.write(text.encode("utf-8")))
     print(f"{len(results.rows)} rows from {results.num_runs} runs -> {out}")
 

@@ -156,6 +156,24 @@ def add_mean_teacher_args(parser, ema_decay=0.99):
     return group
 
 
+def add_control_args(parser):
+    """``--labelled_only`` of a semi-supervised script: its matched control (docs/cpu_protocol.md, "Matched
+    controls"). Each script implements it in its own loss, by one rule: a loss term that reads only unlabelled
+    crops is switched off, one that the method computes over the whole batch is computed over the labelled
+    crops alone; the networks still see the whole batch."""
+    parser.add_argument("--labelled_only", type=int, choices=(0, 1), default=0,
+                        help="1: the method's matched control: every loss term that reads an unlabelled crop is "
+                             "switched off, or restricted to the labelled crops where the method computes it over "
+                             "the whole batch; the networks still see every crop of the batch, so batch norm, "
+                             "dropout, the heads and the schedule are the method's (default: 0)")
+
+
+def crops_read(args, batch_size):
+    """How many leading crops of a batch of ``batch_size`` a whole-batch loss term reads: every crop, or only
+    the labelled ones under ``--labelled_only 1``."""
+    return args.labeled_bs if args.labelled_only else batch_size
+
+
 def add_uncertainty_args(parser, mc_samples=8, threshold_start=0.75, threshold_end=1.0):
     """Flags of UA-MT's Monte-Carlo dropout uncertainty (``utils.uncertainty``)."""
     group = parser.add_argument_group("uncertainty")

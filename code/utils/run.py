@@ -63,8 +63,8 @@ def run_directory(args):
 
 
 def _git(*cmd):
-    return subprocess.run(["git", "-C", str(REPO_ROOT), *cmd], capture_output=True, text=True,
-                          timeout=10).stdout
+    return subprocess.run(["git", "-C", str(REPO_ROOT), *cmd], capture_output=True, encoding="utf-8",
+                          errors="replace", timeout=10).stdout
 
 
 def _git_info(run_dir):
@@ -74,7 +74,7 @@ def _git_info(run_dir):
         commit = _git("rev-parse", "HEAD").strip() or None
         dirty = bool(_git("status", "--porcelain", "--untracked-files=no").strip())
         if dirty:
-            (run_dir / "git.diff").write_text(_git("diff", "HEAD"))
+            (run_dir / "git.diff").write_text(_git("diff", "HEAD"), encoding="utf-8")
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
     return {"commit": commit, "dirty": dirty, "diff": "git.diff" if dirty else None}
@@ -321,7 +321,7 @@ class TrainingRun:
         if stored is None:
             config = {"script": self.script, "args": current, "command": sys.argv,
                       "git": _git_info(self.dir), "versions": _versions(), "host": socket.gethostname(),
-                      "device": str(self.device), "started": now}
+                      "device": str(self.device), "threads": torch.get_num_threads(), "started": now}
         else:
             config = stored
             changed = changed_settings(stored_args(stored), current)
@@ -336,6 +336,10 @@ class TrainingRun:
             config.setdefault("resumed", []).append(now)
             if changed:
                 self.logger.info(f"--accept_changes: continuing with {detail}")
+            if config.get("threads", torch.get_num_threads()) != torch.get_num_threads():
+                self.logger.info(f"warning: the run started with {config['threads']} compute threads and goes on "
+                                 f"with {torch.get_num_threads()}; on the CPU the thread count changes the "
+                                 "arithmetic, so its weights will differ from an uninterrupted run's")
         write_json(path, config)
 
     # -- state ------------------------------------------------------------------------------------------
@@ -508,9 +512,10 @@ class TrainingRun:
 
     def _record_training_cases(self, train_set):
         """Keep the training cases in ``config.json`` (in order: the first ``--labelnum`` are the labelled ones),
-        the labelled ones and the held-out validation cases also by name, and log the labelled ones when they were
-        drawn (``--label_seed``); a resumed run whose cases changed since it started stops, rather than training
-        on other cases."""
+        the labelled ones and the held-out validation cases also by name, and how many cases the training list
+        holds (``listed_training_cases``: a table tells the all-labels run from it without the data); log the
+        labelled ones when they were drawn (``--label_seed``); a resumed run whose cases changed since it started
+        stops, rather than training on other cases."""
         path = self.dir / "config.json"
         config = json.loads(path.read_text(encoding="utf-8"))
         cases = list(train_set.case_ids)
@@ -524,7 +529,8 @@ class TrainingRun:
             self.logger.info(f"labelled cases (--label_seed {self.args.label_seed}): "
                              f"{', '.join(cases[:self.args.labelnum])}")
         if stored is None:
-            config.update(training_cases=cases, labelled_cases=cases[:self.args.labelnum], validation_cases=validation)
+            config.update(training_cases=cases, labelled_cases=cases[:self.args.labelnum], validation_cases=validation,
+                          listed_training_cases=getattr(train_set, "listed_cases", None))
             write_json(path, config)
 
     def _validation_set(self, predict, train_set):

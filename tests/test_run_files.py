@@ -1,0 +1,140 @@
+"""The table's gain over each method's own control, and the files that define a table: summarize.py copies them
+(``--run_files``) and writes the same table from them alone, and the committed tables are what their committed run
+files give."""
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+from report import summarize
+from report.paired import compare
+
+SUMMARIZE = REPO_ROOT / "code" / "report" / "summarize.py"
+CASES = ("c1", "c2", "c3", "c4")
+SEEDS = (1337, 2024)
+ITERATIONS = 50
+NUM_TRAIN = 12
+# per-case Dice (%) of each run, by (exp, labelnum) and seed: the control of MT is better than the labelled-only
+# V-Net on every case in both seeds, MT on c1-c3 in both seeds, and MT better than its control on c1 and c2
+DICE = {("Supervised", 4): {1337: (60, 50, 40, 70), 2024: (62, 48, 41, 69)},
+        ("Supervised", NUM_TRAIN): {1337: (80, 75, 70, 85), 2024: (81, 76, 69, 86)},
+        ("MT", 4): {1337: (70, 62, 45, 69), 2024: (71, 60, 47, 70)},
+        ("MT_control", 4): {1337: (65, 55, 46, 73), 2024: (66, 54, 45, 71)}}
+SCRIPTS = {"Supervised": "train_supervised_3D", "MT": "train_mt_3D", "MT_control": "train_mt_3D"}
+
+
+def make_run(model_dir, exp, labelnum, seed):
+    """A finished, evaluated run at reproduce.sh's place, with its weights and log (which the run files leave
+    out) and per-case metrics from :data:`DICE`."""
+    run = model_dir / f"LA_half_quick_seed{seed}" / f"{exp}_{labelnum}" / "vnet"
+    run.mkdir(parents=True)
+    args = {"dataset": "LA", "root_path": "/nowhere/LA_half", "labelnum": labelnum, "exp": f"LA_half_quick_seed{seed}/{exp}",
+            "model": "vnet", "seed": seed, "max_iterations": ITERATIONS, "nms": 0, "patch_size": [48, 48, 32],
+            "stride_xy": 16, "stride_z": 8, "n_filters": 8, "labelled_only": int(exp.endswith("_control"))}
+    config = {"script": SCRIPTS[exp], "args": args, "listed_training_cases": NUM_TRAIN}
+    (run / "config.json").write_text(json.dumps(config))
+    (run / f"iter_{ITERATIONS}.pth").write_bytes(b"weights")
+    (run / "log.txt").write_text("[00:00:01.000] iteration 1 : loss : 0.5\n")
+    folder = run / f"eval_iter_{ITERATIONS}"
+    folder.mkdir()
+    dice = [d / 100 for d in DICE[exp, labelnum][seed]]
+    rows = [f"{case},{d},{d - 0.1},5.0,1.0,False,False" for case, d in zip(CASES, dice)]
+    mean = sum(dice) / len(dice)
+    (folder / "metrics.csv").write_text("case,dice,jaccard,hd95,asd,empty_pred,empty_gt\n" + "\n".join(rows)
+                                        + f"\nmean,{mean},{mean - 0.1},5.0,1.0,,\nstd,0.1,0.1,0,0,,\n")
+    summary = {key: {"mean": value, "std": 0.1, "n": 4} for key, value in
+               (("dice", mean), ("jaccard", mean - 0.1), ("hd95", 5.0), ("asd", 1.0))}
+    summary.update(num_cases=4, num_empty_pred=0, protocol={
+        "patch_size": [48, 48, 32], "stride_xy": 16, "stride_z": 8, "nms": False, "units": "voxels",
+        "checkpoint": f"iter_{ITERATIONS}.pth", "iteration": ITERATIONS, "split": "test"})
+    (folder / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    model = tmp_path / "model"
+    for (exp, labelnum), by_seed in DICE.items():
+        for seed in by_seed:
+            make_run(model, exp, labelnum, seed)
+    return model
+
+
+def paired_rows(text):
+    """``{method: {column: cell}}`` of the paired table."""
+    section = text.split("## Paired comparison")[1]
+    lines = [line for line in section.splitlines() if line.startswith("| ")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    return {cells["method"]: cells for cells in
+            (dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:])}
+
+
+def summarize_cli(*args, cwd):
+    proc = subprocess.run([sys.executable, str(SUMMARIZE), *map(str, args)], capture_output=True, text=True,
+                          timeout=120, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_each_method_is_compared_with_its_own_control(model_dir, tmp_path):
+    out = tmp_path / "results.md"
+    summarize_cli("--model_dir", model_dir, "--out", out, cwd=tmp_path)
+    text = out.read_text(encoding="utf-8")
+    assert re.search(r"^\| LA_half_quick \| Mean teacher: own control \| 4 \|", text, re.M)
+    rows = paired_rows(text)
+    assert set(rows) == {"Mean teacher", "Mean teacher: own control", "V-Net (all labels)"}
+    # the table reads the fractions of metrics.csv back into %, as here
+    gains = [100 * (a / 100) - 100 * (b / 100) for seed in SEEDS
+             for a, b in zip(DICE["MT", 4][seed], DICE["MT_control", 4][seed])]
+    stats = compare(gains)
+    assert stats.median == pytest.approx(3.5)
+    assert rows["Mean teacher"]["gain over its own control"] == (
+        f"{stats.mean:+.2f} [{stats.low:+.2f}, {stats.high:+.2f}], p {stats.p_value:.2g}, median {stats.median:+.2f}")
+    assert rows["Mean teacher: own control"]["gain over its own control"] == "–"
+    # against the labelled-only V-Net: the control is better on every case in both seeds, MT on three of four
+    assert rows["Mean teacher: own control"]["cases better in every seed"] == "4 of 4"
+    assert rows["Mean teacher"]["cases better in every seed"] == "3 of 4"
+    band = [a - b for seed in SEEDS for a, b in zip(DICE["Supervised", NUM_TRAIN][seed], DICE["Supervised", 4][seed])]
+    assert rows["V-Net (all labels)"]["median (points)"] == f"{compare(band).median:+.2f}"
+
+
+def test_the_run_files_alone_give_the_same_table(model_dir, tmp_path, monkeypatch):
+    """``--run_files`` copies config.json and the evaluations' summary.json and metrics.csv (no weights, no logs)
+    with the table's title, note and file; ``summarize.py --model_dir <run files>`` then writes the same document
+    from them alone, and a run removed from the model folder leaves no files behind at the next export."""
+    monkeypatch.setattr(summarize, "REPO_ROOT", tmp_path)
+    files, out = tmp_path / "results" / "LA_half_quick", tmp_path / "docs" / "results_quick.md"
+    summarize.main(["--model_dir", str(model_dir), "--run_files", str(files), "--out", str(out), "--title", "T",
+                    "--note", "A note."])
+    first = out.read_text(encoding="utf-8")
+    assert first.startswith("# T\n\nA note.\n") and "from 8 runs under `results/LA_half_quick`" in first
+    kept = sorted(str(p.relative_to(files)) for p in files.rglob("*") if p.is_file())
+    assert kept == sorted(["table.json"] + [f"LA_half_quick_seed{seed}/{exp}_{labelnum}/vnet/{name}"
+                                            for (exp, labelnum) in DICE for seed in SEEDS
+                                            for name in ("config.json", f"eval_iter_{ITERATIONS}/metrics.csv",
+                                                         f"eval_iter_{ITERATIONS}/summary.json")])
+    out.unlink()
+    summarize.main(["--model_dir", str(files)])
+    assert out.read_text(encoding="utf-8") == first
+    shutil.rmtree(model_dir / "LA_half_quick_seed2024" / "MT_control_4")
+    summarize.main(["--model_dir", str(model_dir), "--run_files", str(files)])
+    assert not (files / "LA_half_quick_seed2024" / "MT_control_4").exists()
+    assert "from 7 runs under" in out.read_text(encoding="utf-8")
+
+
+COMMITTED_RUN_FILES = sorted(path.parent for path in (REPO_ROOT / "results").glob("*/table.json"))
+
+
+@pytest.mark.parametrize("run_files", COMMITTED_RUN_FILES, ids=lambda path: path.name)
+def test_committed_run_files_give_the_committed_table(run_files, tmp_path):
+    """Every committed folder of run files (results/<protocol>/) gives, through summarize.py alone, exactly the
+    committed table it names."""
+    table = json.loads((run_files / "table.json").read_text(encoding="utf-8"))
+    out = tmp_path / "table.md"
+    summarize_cli("--model_dir", run_files.relative_to(REPO_ROOT), "--out", out, cwd=REPO_ROOT)
+    assert out.read_text(encoding="utf-8") == (REPO_ROOT / table["out"]).read_text(encoding="utf-8")
+
