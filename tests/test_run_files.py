@@ -32,9 +32,10 @@ def make_run(model_dir, exp, labelnum, seed):
     out) and per-case metrics from :data:`DICE`."""
     run = model_dir / f"LA_half_quick_seed{seed}" / f"{exp}_{labelnum}" / "vnet"
     run.mkdir(parents=True)
-    args = {"dataset": "LA", "root_path": "/nowhere/LA_half", "labelnum": labelnum, "exp": f"LA_half_quick_seed{seed}/{exp}",
-            "model": "vnet", "seed": seed, "max_iterations": ITERATIONS, "nms": 0, "patch_size": [48, 48, 32],
-            "stride_xy": 16, "stride_z": 8, "n_filters": 8, "labelled_only": int(exp.endswith("_control"))}
+    args = {"dataset": "LA", "root_path": "/nowhere/LA_half", "labelnum": labelnum,
+            "exp": f"LA_half_quick_seed{seed}/{exp}", "model": "vnet", "seed": seed, "max_iterations": ITERATIONS,
+            "nms": 0, "patch_size": [48, 48, 32], "stride_xy": 16, "stride_z": 8, "n_filters": 8,
+            "labelled_only": int(exp.endswith("_control"))}
     config = {"script": SCRIPTS[exp], "args": args, "listed_training_cases": NUM_TRAIN}
     (run / "config.json").write_text(json.dumps(config))
     (run / f"iter_{ITERATIONS}.pth").write_bytes(b"weights")
@@ -126,15 +127,31 @@ def test_the_run_files_alone_give_the_same_table(model_dir, tmp_path, monkeypatc
     assert "from 7 runs under" in out.read_text(encoding="utf-8")
 
 
-COMMITTED_RUN_FILES = sorted(path.parent for path in (REPO_ROOT / "results").glob("*/table.json"))
+COMMITTED_RUN_FILES = sorted(path.parent for path in (REPO_ROOT / "results").rglob("table.json"))
 
 
 @pytest.mark.parametrize("run_files", COMMITTED_RUN_FILES, ids=lambda path: path.name)
 def test_committed_run_files_give_the_committed_table(run_files, tmp_path):
-    """Every committed folder of run files (results/<protocol>/) gives, through summarize.py alone, exactly the
-    committed table it names."""
+    """Every committed folder of run files (results/<protocol>/, results/probes/<probe>/) gives, through
+    summarize.py alone, exactly the committed table it names."""
     table = json.loads((run_files / "table.json").read_text(encoding="utf-8"))
     out = tmp_path / "table.md"
     summarize_cli("--model_dir", run_files.relative_to(REPO_ROOT), "--out", out, cwd=REPO_ROOT)
     assert out.read_text(encoding="utf-8") == (REPO_ROOT / table["out"]).read_text(encoding="utf-8")
 
+
+
+def test_the_result_figures_come_from_the_run_files_alone(model_dir, tmp_path, monkeypatch):
+    """plots.py on a folder of run files writes the figures that need only evaluations (Dice against labelled
+    cases, the strips against the labelled-only V-Net and against each method's own control), and leaves out the
+    curves (no logs) and the overlay (no weights) with a line on stderr, not a traceback."""
+    monkeypatch.setattr(summarize, "REPO_ROOT", tmp_path)
+    files = tmp_path / "files"
+    summarize.main(["--model_dir", str(model_dir), "--run_files", str(files), "--out", str(tmp_path / "t.md")])
+    out = tmp_path / "figures"
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "code" / "report" / "plots.py"), "--model_dir", str(files),
+                           "--out", str(out), "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.glob("*.png")) == [
+        "dice_vs_labelled_LA_half_quick.png", "paired_LA_half_quick_4.png", "paired_control_LA_half_quick_4.png"]
+    assert "Traceback" not in proc.stderr and "overlay" in proc.stderr

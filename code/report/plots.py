@@ -20,6 +20,12 @@ writes PNGs (matplotlib's Agg backend, no display needed) into ``--out``:
 - ``paired_<tag>_<labelled>.png``: per test case (and seed), the Dice difference of each method to the
   labelled-only V-Net with the same labelled cases, one strip per method, with the mean and its bootstrap 95 %
   interval (``summarize.py``'s paired comparison); the all-labels V-Net's strip is the band.
+- ``paired_control_<tag>_<labelled>.png``: the same strips of each method against its own matched control
+  (``--labelled_only 1``): what its unlabelled-data terms add, case by case.
+
+From a folder of run files (``summarize.py --run_files``: no logs, no weights) the figures that need only the
+evaluations are written (Dice against labelled cases, the paired strips); the curves need ``log.txt`` and the
+overlay the weights and the data.
 
 Relative paths: ``--model_dir`` from the working directory when it exists there, else from the repository
 root; ``--out`` from the repository root.
@@ -274,8 +280,8 @@ def first_case(rows):
 
 
 # -- (d) paired differences ----------------------------------------------------------------------------------
-def plot_paired(comparisons, tag, labelnum, out_dir):
-    """Figure (d) for the comparisons against the labelled-only V-Net of ``tag`` at ``labelnum``."""
+def plot_paired(comparisons, tag, labelnum, path, against="the labelled-only V-Net"):
+    """Figure (d) for the comparisons of ``tag`` at ``labelnum`` with ``against``."""
     fig = Figure(figsize=(7.5, 1.5 + 0.55 * len(comparisons)), layout="constrained")
     ax = fig.add_subplot()
     jitter = np.random.default_rng(0)
@@ -290,10 +296,10 @@ def plot_paired(comparisons, tag, labelnum, out_dir):
     ax.set_yticklabels([f"{c.row.label} ({c.row.labelnum})" if c.row.upper_bound else c.row.label
                         for c in comparisons])
     ax.invert_yaxis()
-    ax.set_xlabel("Dice difference to the labelled-only V-Net (points), one dot per test case and seed")
+    ax.set_xlabel(f"Dice difference to {against} (points), one dot per test case and seed")
     ax.set_title(f"{tag}, {labelnum} labelled: black diamond = mean, bar = bootstrap 95 % interval", fontsize="medium")
     ax.grid(axis="x", alpha=0.3)
-    return save(fig, out_dir / f"paired_{slug(tag)}_{labelnum}.png")
+    return save(fig, path)
 
 
 # -- command line --------------------------------------------------------------------------------------------
@@ -321,7 +327,13 @@ def make_figures(results, out_dir, case=None, device="auto"):
     for comparison in results.comparisons:
         paired[(comparison.baseline.tag, comparison.baseline.labelnum)].append(comparison)
     for (tag, labelnum), comparisons in sorted(paired.items()):
-        written.append(plot_paired(comparisons, tag, labelnum, out_dir))
+        written.append(plot_paired(comparisons, tag, labelnum, out_dir / f"paired_{slug(tag)}_{labelnum}.png"))
+    controlled = defaultdict(list)
+    for comparison in results.control_comparisons:
+        controlled[(comparison.row.tag, comparison.row.labelnum)].append(comparison)
+    for (tag, labelnum), comparisons in sorted(controlled.items()):
+        path = out_dir / f"paired_control_{slug(tag)}_{labelnum}.png"
+        written.append(plot_paired(comparisons, tag, labelnum, path, against="the method's own control"))
     return [path for path in written if path is not None]
 
 

@@ -1,6 +1,9 @@
 """Collect every run under a model folder into one markdown results table, next to the published numbers.
 
     python code/report/summarize.py --model_dir model --out docs/results.md [--title "..."] [--note "..."]
+    python code/report/summarize.py --model_dir model/reproduce/LA_half_quick --run_files results/LA_half_quick \
+        --out docs/results_quick.md     # keep the files that define the table, and make it from them
+    python code/report/summarize.py --model_dir results/LA_half_quick   # the committed table again, no training
 
 A run is a directory holding ``config.json`` (written by ``utils.run.TrainingRun``); ``reproduce.sh`` puts
 them at ``model/<tag>_seed<seed>/<EXP>_<labelnum>/<model>/``. Runs that differ only in their seed form one
@@ -9,6 +12,11 @@ deviation (n - 1) over seeds of the per-run test-set means read from ``eval_<fin
 A run without such an evaluation (training failed or unfinished, or never evaluated) is reported as
 "failed / not evaluated" with its reason and never contributes a number. Folders moved aside by
 ``--overwrite`` (``<run>.old-<time>``) are not runs of the summary.
+
+Below the table, each method is compared case by case with the labelled-only V-Net (and the all-labels V-Net
+with it: the band), and each semi-supervised method with its matched control (its own script with
+``--labelled_only 1``, a row of its own): mean, bootstrap interval, Wilcoxon p, median, and the cases better in
+every seed (``report.paired``).
 
 Published numbers are the ones quoted, with their sources, in ``docs/methods/*.md`` (:data:`PUBLISHED`); they
 are shown only for rows whose data tag is the dataset's name (``LA``, as ``reproduce.sh`` tags runs on the real
