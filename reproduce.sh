@@ -5,7 +5,7 @@
 #   bash reproduce.sh                              # LA at data/LA: 8 and 16 labels, seed 1337, paper protocols
 #   LABELNUMS="8" SEEDS="1337 2024 42" bash reproduce.sh
 #   DATA_ROOT=/data/LA DEVICE=cuda bash reproduce.sh
-#   QUICK=1 bash reproduce.sh                      # CPU protocol on half-resolution LA (a day on 2 cores)
+#   QUICK=1 bash reproduce.sh                      # CPU protocol on half-resolution LA (~2 days on 2 cores)
 #   QUICK=1 SEEDS=1337 JOBS=2 bash reproduce.sh    # its first seed, two runs at a time
 #
 # Three protocols, chosen by what is there:
@@ -13,10 +13,10 @@
 #   fully supervised upper bound; table docs/results.md, figures docs/figures/.
 # - QUICK=1 (DATA_ROOT holds LA): a CPU protocol chosen by measured criteria (docs/cpu_protocol.md). A
 #   half-resolution copy of LA is written once to data/LA_half (code/dataloaders/resample.py); every method and
-#   its matched control run at 6 labels, seeds 1337, 2024 and 42, with networks of width QUICK_WIDTH (default 8:
-#   --n_filters, the same for all) on 48x48x32 crops, 2 labelled crops per iteration for every method (the
+#   its matched control run at 4 labels, seeds 1337, 2024 and 42, with networks of width QUICK_WIDTH (default 8:
+#   --n_filters, the same for all) on 64x64x32 crops, 2 labelled crops per iteration for every method (the
 #   labelled-only runs batches of 2, the others QUICK_SEMI_BATCH="2 2": 2 labelled + 2 unlabelled, the papers')
-#   for QUICK_ITERATIONS (default 2250) iterations, its schedule (lr steps, consistency ramps, mixing start)
+#   for QUICK_ITERATIONS (default 3375) iterations, its schedule (lr steps, consistency ramps, mixing start)
 #   shrunk in proportion, one compute thread per run, two runs at a time on 2 cores, and every method is
 #   evaluated the same way: sliding window at stride 16/8, largest component off, final weights; table
 #   docs/results_quick.md made from the run files in results/LA_half_quick/, figures docs/figures_quick/. Not
@@ -30,7 +30,7 @@
 # script with --labelled_only 1, every loss term that reads an unlabelled crop off, the same networks, batches and
 # schedule; the table then shows each method's gain over its own control.
 #
-# Environment: DATA_ROOT (default data/LA), LABELNUMS (default "8 16"; QUICK: "6"; synthetic: "4"), SEEDS
+# Environment: DATA_ROOT (default data/LA), LABELNUMS (default "8 16"; QUICK: "4"; synthetic: "4"), SEEDS
 # (default "1337"; QUICK: "1337 2024 42"), CONTROLS (1: each semi-supervised method's control after it; default 0,
 # QUICK: 1), LABEL_SEEDS (draws of the labelled cases, --label_seed, each run for every seed; default: none,
 # the first LABELNUM cases of the list as in the papers; the table then separates the two spreads), VAL_NUM (cases
@@ -153,11 +153,11 @@ if [ -f "$DATA_ROOT/train.list" ]; then
                 --overwrite || exit 1
         fi
         DATA_ROOT=$HALF_ROOT
-        LABELNUMS=${LABELNUMS:-6}
+        LABELNUMS=${LABELNUMS:-4}
         SEEDS=${SEEDS:-"1337 2024 42"}
         CONTROLS=${CONTROLS:-1}
-        QUICK_ITERATIONS=${QUICK_ITERATIONS:-2250}
-        QUICK_PATCH=${QUICK_PATCH:-"48 48 32"}
+        QUICK_ITERATIONS=${QUICK_ITERATIONS:-3375}
+        QUICK_PATCH=${QUICK_PATCH:-"64 64 32"}
         QUICK_STRIDE=${QUICK_STRIDE:-"16 8"}
         QUICK_WIDTH=${QUICK_WIDTH:-8}
         QUICK_NMS=0
@@ -257,24 +257,14 @@ schedule_args() {  # schedule_args METHOD: iterations and the schedule flags of 
     echo "$args"
 }
 
-count_cases() {  # count_cases LIST: non-empty lines
-    grep -c . "$1"
+count_cases() {  # count_cases LIST: its case ids, counted as the scripts read it (blanks, spaces, CR aside)
+    "$PYTHON" code/dataloaders/count_cases.py "$1"
 }
 
 failed=()
-evaluated() {  # evaluated RUN ITERATIONS: the run has a complete evaluation of its final weights
-    evaluated_checkpoint "$1" "iter_$2"
-}
-
-evaluated_checkpoint() {  # evaluated_checkpoint RUN STEM: the folder of a complete evaluation of RUN/STEM.pth
-    local folder
-    for folder in "$1/eval_$2" "$1/eval_$2"_*; do
-        if [ -f "$folder/summary.json" ]; then
-            echo "$folder"
-            return 0
-        fi
-    done
-    return 1
+evaluated() {  # evaluated RUN [CHECKPOINT]: the folder of the run's own result for its final weights (or
+    # CHECKPOINT), as code/utils/own_result.py decides it from what each evaluation recorded; else fails
+    "$PYTHON" code/utils/own_result.py "$1" ${2:+--checkpoint "$2"} 2>/dev/null
 }
 
 CONTROL=_control  # METHOD_control: the method's matched control (--labelled_only 1), in the folder EXP_control
@@ -339,13 +329,13 @@ run_one() {  # run_one METHOD LABELNUM SEED DRAW: train (or resume, or skip) and
         fi
     fi
     local done_in
-    if done_in=$(evaluated "$run" "$iterations"); then
+    if done_in=$(evaluated "$run"); then
         echo "== evaluated already: $done_in"
     elif ! step "$PYTHON" code/test_3D.py --run "$run" --device "$DEVICE"; then
         echo "!! $what: evaluation failed"
         failed+=("$tag")
     fi
-    if [ -f "$run/best_val.pth" ] && ! evaluated_checkpoint "$run" best_val >/dev/null \
+    if [ -f "$run/best_val.pth" ] && ! evaluated "$run" best_val.pth >/dev/null \
             && ! step "$PYTHON" code/test_3D.py --run "$run" --device "$DEVICE" --checkpoint best_val.pth; then
         echo "!! $what: evaluation of best_val.pth failed"
         failed+=("$tag")
@@ -447,7 +437,8 @@ run_sequential() {  # run_sequential: every job in order, with a counter and an 
     done
 }
 
-all_labels=$(( $(count_cases "$DATA_ROOT/train.list") - VAL_NUM ))  # the upper bound: every case not held out
+listed=$(count_cases "$DATA_ROOT/train.list") || exit 2  # a list the scripts refuse: its one line is above
+all_labels=$(( listed - VAL_NUM ))  # the upper bound: every case not held out
 job_list=()  # "method labelnum seed draw", in the order a sequential call runs them
 for seed in $SEEDS; do
     for draw in ${LABEL_SEEDS:-first}; do

@@ -32,7 +32,8 @@ from utils.cli import ArgumentParser, resolve_path, run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.evaluation import (check_evaluation_dependencies, evaluate, format_summary,  # noqa: E402
                               prepare_for_inference, selection_record)
-from utils.run_files import snapshot_name  # noqa: E402
+from utils.own_result import own_evaluation  # noqa: E402
+from utils.run_files import BEST_VAL, snapshot_name  # noqa: E402
 from utils.runtime import select_device  # noqa: E402
 from utils.sliding_window import check_window  # noqa: E402
 
@@ -73,10 +74,14 @@ def read_run(run_dir):
         script, run_args = config["script"], stored_args(config)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{config_path} is not a valid run configuration ({type(exc).__name__}: {exc})") from None
+    methods = sorted(path.stem for path in Path(__file__).resolve().parent.glob("train_*_3D.py"))
+    if script not in methods:  # only the project's method scripts are imported, never another module it names
+        raise UserError(f"{config_path} names the script {script!r}, which is not one of this project's "
+                        f"training scripts ({', '.join(methods)})")
     try:
         module = importlib.import_module(str(script))
-    except ImportError:
-        raise UserError(f"{config_path} names the script {script!r}, which is not in code/") from None
+    except ImportError as exc:  # a package the script needs is missing
+        raise UserError(f"{script}.py cannot be imported: {exc}") from None
     if not all(hasattr(module, name) for name in ("build_networks", "predict", "get_parser")):
         raise UserError(f"{script}.py does not define build_networks(), predict() and get_parser()")
     missing = sorted(set(vars(module.get_parser().parse_args([]))) - set(run_args) - set(RUNTIME_FLAGS))
@@ -177,9 +182,27 @@ def main(argv=None):
         nms=nms, spacing=args.spacing, save_nii=args.save_nii,
         protocol_extra={"checkpoint": str(path.name), "iteration": state.get("iteration"), "split": args.split,
                         **({} if args.network is None else {"network": args.network}), **selection_record(state)},
-        progress=bool(args.progress))
+        source={"weights": path, "network": args.network, "evaluator": "test_3D"}, progress=bool(args.progress))
     print(f"{run_dir.name} {name}: {format_summary(summary)}")
     print(f"per-case metrics: {out_dir / 'metrics.csv'}")
+    standing = table_standing(run_dir, config["args"], out_dir)
+    if standing:
+        print(standing)
+
+
+def table_standing(run_dir, run_args, out_dir):
+    """What ``summarize.py`` and ``reproduce.sh`` make of the new evaluation ``out_dir`` (``utils.own_result``):
+    the run's result for its final weights or ``best_val.pth``, or kept apart, and why; None for an evaluation
+    of another checkpoint, which no table reads."""
+    for checkpoint in (None, BEST_VAL):
+        result = own_evaluation(run_dir, run_args, checkpoint)
+        if result.chosen is not None and result.chosen.folder == out_dir:
+            return f"the run's result in tables ({result.chosen.folder.name})"
+        for other in result.others:
+            if other.folder == out_dir:
+                why = ", ".join(other.problems) or f"{result.chosen.folder.name} is preferred"
+                return f"note: kept apart from the run's result in tables ({why})"
+    return None
 
 
 if __name__ == "__main__":

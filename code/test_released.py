@@ -149,7 +149,8 @@ def main(argv=None):
         stride_z=stride_z, num_classes=dataset.num_classes, device=device, sw_batch_size=args.sw_batch_size,
         nms=bool(args.nms), spacing=args.spacing, save_nii=args.save_nii,
         protocol_extra={"checkpoint": weights.name, "weights": str(weights), "arch": args.arch,
-                        "split": args.split}, progress=bool(args.progress))
+                        "split": args.split},
+        source={"weights": weights, "network": None, "evaluator": "test_released"}, progress=bool(args.progress))
     print(f"{weights} (--arch {args.arch}): {format_summary(summary)}")
     print(f"per-case metrics: {out_dir / 'metrics.csv'}")
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F  # noqa: E402
 from dataloaders.registry import get_dataset_spec  # noqa: E402
 from dataloaders.training_data import build_training_data  # noqa: E402
 from networks.initialization import kaiming_normal_init, xavier_normal_init  # noqa: E402
-from networks.net_factory_3d import net_factory_3d  # noqa: E402
+from networks.net_factory_3d import PLAIN_VNETS, net_factory_3d  # noqa: E402
 from utils import losses  # noqa: E402
 from utils.args import add_control_args, finalize_args, training_parser  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
@@ -34,7 +34,7 @@ DICE = losses.DiceLoss(2)
 
 def get_parser():
     parser = training_parser(__doc__.splitlines()[0], exp="CPS", max_iterations=6000, batch_size=4,
-                             base_lr=0.01, seed=1337, labeled_bs=2, model="vnet",
+                             base_lr=0.01, seed=1337, labeled_bs=2, model="vnet", models=PLAIN_VNETS,
                              consistency=0.1, consistency_rampup=40.0)
     parser.add_argument("--has_dropout", type=int, choices=(0, 1), default=1,
                         help="Dropout3d(0.5) in both V-Nets (SSL4MIS's factory builds its vnet with it: 1)")

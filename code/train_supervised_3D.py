@@ -18,7 +18,7 @@ import torch  # noqa: E402
 
 from dataloaders.registry import get_dataset_spec  # noqa: E402
 from dataloaders.training_data import build_training_data  # noqa: E402
-from networks.net_factory_3d import net_factory_3d  # noqa: E402
+from networks.net_factory_3d import PLAIN_VNETS, net_factory_3d  # noqa: E402
 from utils import losses  # noqa: E402
 from utils.args import finalize_args, training_parser  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
@@ -27,7 +27,7 @@ from utils.run import TrainingRun  # noqa: E402
 
 def get_parser():
     parser = training_parser(__doc__.splitlines()[0], exp="Supervised", max_iterations=6000, batch_size=4,
-                             base_lr=0.01, seed=1337, semi_supervised=False)
+                             base_lr=0.01, seed=1337, semi_supervised=False, models=PLAIN_VNETS)
     parser.add_argument("--has_dropout", type=int, choices=(0, 1), default=1,
                         help="Dropout3d(0.5) after the bottleneck and last decoder block (UA-MT: 1)")
     return parser

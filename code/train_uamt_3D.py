@@ -19,7 +19,7 @@ import torch  # noqa: E402
 
 from dataloaders.registry import get_dataset_spec  # noqa: E402
 from dataloaders.training_data import build_training_data  # noqa: E402
-from networks.net_factory_3d import net_factory_3d  # noqa: E402
+from networks.net_factory_3d import PLAIN_VNETS, net_factory_3d  # noqa: E402
 from utils import losses  # noqa: E402
 from utils.args import (add_control_args, add_mean_teacher_args, add_uncertainty_args,  # noqa: E402
                         check_mc_dropout, finalize_args, training_parser)
@@ -32,7 +32,7 @@ from utils.uncertainty import certain_mask, mc_dropout_uncertainty  # noqa: E402
 
 def get_parser():
     parser = training_parser(__doc__.splitlines()[0], exp="UAMT", max_iterations=6000, batch_size=4,
-                             base_lr=0.01, seed=1337, labeled_bs=2, model="vnet",
+                             base_lr=0.01, seed=1337, labeled_bs=2, model="vnet", models=PLAIN_VNETS,
                              consistency=0.1, consistency_rampup=40.0)
     add_mean_teacher_args(parser, ema_decay=0.99)
     add_uncertainty_args(parser, mc_samples=8, threshold_start=0.75, threshold_end=1.0)

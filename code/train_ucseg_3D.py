@@ -129,9 +129,6 @@ def mixing_enabled(args):
 
 def check_method_args(args):
     """One-line errors for UC-Seg settings that cannot work."""
-    if args.model != MODEL:
-        raise UserError(f"--model {args.model}: UC-Seg's subnets are fixed (3D U-Net + V-Net); "
-                        f"the run folder is named {MODEL}")
     if args.upg_patch < 1:
         raise UserError(f"--upg_patch must be at least 1, got {args.upg_patch}")
     if any(size % args.upg_patch for size in args.patch_size):
@@ -290,9 +287,17 @@ def ccp_losses(outputs, queues, args):
 
 def prediction_consistency(logits, other):
     """BCE of one subnet's foreground probability against the other's (detached): the official
-    ``loss_diff`` with the gradient it was meant to have (only the last channel counts there too)."""
+    ``loss_diff`` with the gradient it was meant to have (only the last channel counts there too).
+
+    Weights that diverged (a too large ``--base_lr``) give NaN probabilities, which ``binary_cross_entropy``
+    refuses, as input or target, with an error (a device-side assert on CUDA); the term is then NaN instead, so
+    that the run stops with its one-line report of a non-finite loss (``TrainingRun.log``). Finite inputs give
+    the same bits as before."""
     prob = torch.sigmoid(logits[:, -1]).clamp(1e-8, 1 - 1e-7)
-    return F.binary_cross_entropy(prob, torch.sigmoid(other[:, -1]).detach())
+    target = torch.sigmoid(other[:, -1]).detach()
+    finite = torch.isfinite(prob).all() & torch.isfinite(target).all()
+    loss = F.binary_cross_entropy(torch.where(finite, prob, 0.5), torch.where(finite, target, 0.5))
+    return torch.where(finite, loss, torch.nan)
 
 
 @torch.no_grad()

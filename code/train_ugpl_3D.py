@@ -53,7 +53,7 @@ ENTROPY_EPS = 1e-10
 
 def get_parser():
     parser = training_parser(__doc__.splitlines()[0], exp="UGPL", max_iterations=6000, batch_size=4,
-                             base_lr=0.01, seed=1337, labeled_bs=2, model="resnet_vnet",
+                             base_lr=0.01, seed=1337, labeled_bs=2, model="resnet_vnet", models=SUBNET_A_CHOICES,
                              consistency=0.1, consistency_rampup=40.0)
     method = parser.add_argument_group("UGPL (--model is subnet A: resnet_vnet, or vnet for two V-Nets)")
     method.add_argument("--code_faithful", action="store_true",
@@ -96,9 +96,6 @@ def check_method_args(args, spec):
     if spec.num_classes != 2:
         raise UserError(f"UGPL's union pseudo-label and prototypes are binary; {args.dataset} has "
                         f"{spec.num_classes} classes")
-    if args.model not in SUBNET_A_CHOICES:
-        raise UserError(f"--model {args.model}: subnet A must be one of {', '.join(SUBNET_A_CHOICES)} "
-                        "(a network returning logits and its last decoder map)")
     if not 0 < args.entropy_percentile <= 100:
         raise UserError(f"--entropy_percentile must lie in (0, 100], got {args.entropy_percentile}")
     if not 0 <= args.cr_threshold <= 1:

@@ -127,7 +127,7 @@ def args(**overrides):
                 save_interval=1, save_minutes=10.0, snapshot_interval=1, sw_batch_size=1, num_workers=0,
                 base_lr=0.01, lr_step=2500, lr_gamma=0.1, momentum=0.9, weight_decay=1e-4, labeled_bs=2,
                 resume=False, overwrite=False, accept_changes=False, exp="LA/MT", model="vnet", output_root="model",
-                n_filters=16, label_seed=None)
+                n_filters=16, label_seed=None, seed=1337)
     return argparse.Namespace(**{**base, **overrides})
 
 
@@ -215,7 +215,7 @@ def test_an_unreadable_test_case_stops_the_run_before_training(dataset_copy, tmp
     (["--momentum", "inf"], "--momentum must be a finite number"),
     (["--exp", "/tmp/elsewhere"], "must be a relative path inside --output_root"),
     (["--exp", "../../escape"], "must be a relative path inside --output_root"),
-    (["--model", "a/b"], "must be a plain name"),
+    (["--model", "a/b"], "argument --model: invalid choice: 'a/b'"),
     (["--accept_changes"], "--accept_changes only applies to --resume"),
     (["--save_minutes", "-1"], "--save_minutes must be >= 0"),
 ])
@@ -301,3 +301,131 @@ def test_permission_denied_on_a_case_is_not_called_corrupt(dataset_copy, monkeyp
     with pytest.raises(UserError) as caught:
         h5io.read_case(first_train_case(dataset_copy))
     assert "permission denied" in str(caught.value) and "corrupt" not in str(caught.value)
+
+
+# -- issue 27: a hostile test battery's inputs, each refused in one line -----------------------------------
+SEMI_SUPERVISED = ("--labeled_bs", "1")
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2 ** 64)])
+def test_a_seed_out_of_range_is_refused_before_the_run_folder(synthetic_root, tmp_path, seed):
+    assert_one_line_error(train(synthetic_root, tmp_path, "--seed", seed), f"--seed must lie in 0..{2 ** 64 - 1}",
+                          f"got {seed}")
+    assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("script, model", [
+    (TRAIN, "unet_3D"), (TRAIN, "vnet_sdf"), (TRAIN, "nosuch"), ("train_mt_3D.py", "unet_3D"),
+    ("train_cps_3D.py", "vnet_sdf"), ("train_dtc_3D.py", "vnet"), ("train_ugmcl_3D.py", "resnet_vnet"),
+    ("train_ucseg_3D.py", "vnet"), ("train_ugpl_3D.py", "vnet_sdf")])
+def test_a_network_the_method_cannot_train_is_refused_before_the_run_folder(synthetic_root, tmp_path, script,
+                                                                             model):
+    extra = () if script == TRAIN else SEMI_SUPERVISED
+    proc = run_main(script, *train_args(synthetic_root, tmp_path, *extra, "--model", model))
+    assert_one_line_error(proc, "--model", "invalid choice", repr(model))
+    assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("script", ["train_supervised_3D", "train_mt_3D", "train_uamt_3D", "train_cps_3D",
+                                    "train_dtc_3D", "train_ugmcl_3D", "train_ugpl_3D"])
+def test_every_network_a_method_accepts_builds_and_predicts(script):
+    """Each ``--model`` choice of a script gives networks that its ``predict`` reads (two classes per voxel)."""
+    import importlib
+
+    module = importlib.import_module(script)
+    parser = module.get_parser()
+    choices = next(action.choices for action in parser._actions if action.dest == "model")
+    for model in choices:
+        args = parser.parse_args(["--model", model, "--n_filters", "4"])
+        nets = {name: net.eval() for name, net in module.build_networks(args).items()}
+        with torch.no_grad():
+            assert module.predict(nets, torch.zeros(1, 1, 32, 32, 16)).shape == (1, 2, 32, 32, 16), model
+
+
+def test_a_list_that_is_not_utf8_is_one_line(dataset_copy, tmp_path):
+    listed = dataset_copy / "train.list"
+    listed.write_bytes(listed.read_bytes() + b"caf\xe9\n")
+    assert_one_line_error(train(dataset_copy, tmp_path), "train.list is not UTF-8 text", "0xe9")
+    assert not (tmp_path / "model").exists()
+
+
+def test_an_image_with_an_axis_of_length_zero_is_one_line(dataset_copy, tmp_path):
+    rewrite_case(first_train_case(dataset_copy), image=np.zeros((40, 0, 24), np.float32),
+                 label=np.zeros((40, 0, 24), np.uint8))
+    assert_one_line_error(train(dataset_copy, tmp_path), "axis of length 0", "(40, 0, 24)")
+    assert not (tmp_path / "model").exists()
+
+
+def test_an_image_stored_as_a_group_is_one_line(dataset_copy, tmp_path):
+    import h5py
+
+    path = first_train_case(dataset_copy)
+    path.unlink()
+    with h5py.File(path, "w") as handle:
+        handle.create_group("image")
+        handle.create_dataset("label", data=np.zeros((40, 40, 24), np.uint8))
+    assert_one_line_error(train(dataset_copy, tmp_path), "'image' is an HDF5 group, not a dataset")
+    assert not (tmp_path / "model").exists()
+
+
+def write_huge_case(path):
+    """A case file of a few kB whose datasets declare 100000 x 100000 x 10000 voxels (chunked, never written)."""
+    import h5py
+
+    path.unlink()
+    shape, chunks = (100000, 100000, 10000), (64, 64, 64)
+    with h5py.File(path, "w") as handle:
+        handle.create_dataset("image", shape=shape, dtype=np.float32, chunks=chunks, compression="gzip")
+        handle.create_dataset("label", shape=shape, dtype=np.uint8, chunks=chunks, compression="gzip")
+
+
+def test_a_case_that_declares_more_voxels_than_the_memory_holds_is_refused_before_reading(dataset_copy, tmp_path):
+    write_huge_case(first_train_case(dataset_copy))
+    assert_one_line_error(train(dataset_copy, tmp_path), "(100000, 100000, 10000)", "more than this machine's memory")
+    assert not (tmp_path / "model").exists()
+
+
+def test_where_the_memory_size_is_unknown_a_failed_allocation_is_one_line(dataset_copy, tmp_path, monkeypatch):
+    from dataloaders import h5io
+
+    monkeypatch.setattr(h5io, "physical_memory", lambda: None)
+    write_huge_case(first_train_case(dataset_copy))
+    assert_one_line_error(train(dataset_copy, tmp_path), "(100000, 100000, 10000)", "do not fit in the memory left")
+
+
+@pytest.fixture
+def symlink_loop(tmp_path):
+    """``tmp_path/loop_a`` -> ``loop_b`` -> ``loop_a``."""
+    (tmp_path / "loop_a").symlink_to("loop_b")
+    (tmp_path / "loop_b").symlink_to("loop_a")
+    return tmp_path / "loop_a"
+
+
+@pytest.mark.parametrize("flag", ["--root_path", "--output_root"])
+def test_a_loop_of_symbolic_links_as_a_training_path_is_one_line(synthetic_root, tmp_path, symlink_loop, flag):
+    paths = {"--root_path": synthetic_root, "--output_root": tmp_path / "model", flag: symlink_loop / "sub"}
+    proc = run_main(TRAIN, "--root_path", paths["--root_path"], "--output_root", paths["--output_root"],
+                    "--labelnum", "4", "--max_iterations", "1", "--no_eval", *TINY)
+    assert_one_line_error(proc, f"{symlink_loop / 'sub'} runs into a loop of symbolic links")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loop_a", "loop_b"]
+
+
+def test_a_loop_of_symbolic_links_as_the_run_of_test_3d_is_one_line(tmp_path, symlink_loop):
+    assert_one_line_error(run_main("test_3D.py", "--run", symlink_loop), f"{symlink_loop} runs into a loop")
+    proc = run_main("test_3D.py", "--run", symlink_loop.name, cwd=tmp_path)  # relative to the working directory
+    assert_one_line_error(proc, "loop_a runs into a loop of symbolic links")
+
+
+def test_test_3d_imports_only_the_projects_training_scripts(finished_copy, tmp_path, monkeypatch):
+    """A ``config.json`` whose script names any other module (here one that leaves a file when imported) is
+    refused without importing it."""
+    import json
+
+    (tmp_path / "planted.py").write_text("from pathlib import Path\nPath(__file__).with_name('ran').touch()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = json.loads((finished_copy / "config.json").read_text())
+    (finished_copy / "config.json").write_text(json.dumps({**config, "script": "planted"}))
+    proc = run_main("test_3D.py", "--run", finished_copy)
+    assert_one_line_error(proc, "names the script 'planted', which is not one of this project's training scripts",
+                          "train_supervised_3D")
+    assert not (tmp_path / "ran").exists()

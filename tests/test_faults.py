@@ -141,6 +141,27 @@ def test_accept_changes_continues_a_run_with_new_settings_and_records_them(synth
     assert (run / "iter_3.pth").is_file() and (run / "iter_2.pth").is_file()
 
 
+def test_an_accepted_change_that_cannot_load_leaves_the_configuration_that_matches_the_run(synthetic_root, tmp_path):
+    args = common(synthetic_root, tmp_path, "--save_interval", "1", "--max_iterations", "2")
+    run_main(TRAIN, *args, check=True)
+    run = run_dir(tmp_path)
+    before = json.loads((run / "config.json").read_text())["args"]
+    proc = run_main(TRAIN, *args, "--n_filters", "4", "--resume", "--accept_changes")
+    assert_one_line_error(proc, "does not match")
+    assert json.loads((run / "config.json").read_text())["args"] == before
+    run_main(TRAIN, *args, "--max_iterations", "3", "--resume", "--accept_changes", check=True)
+
+
+def test_max_iterations_below_the_iteration_reached_is_refused(synthetic_root, tmp_path):
+    args = common(synthetic_root, tmp_path, "--save_interval", "1")
+    run_main(TRAIN, *args, "--max_iterations", "3", check=True)
+    run = run_dir(tmp_path)
+    proc = run_main(TRAIN, *args, "--max_iterations", "2", "--resume", "--accept_changes")
+    assert_one_line_error(proc, "--max_iterations 2 is below the iteration this run reached (3)")
+    assert json.loads((run / "config.json").read_text())["args"]["max_iterations"] == 3
+    assert not list(run.glob("eval_*"))
+
+
 # -- one run folder, one process ---------------------------------------------------------------------------
 def test_a_second_process_on_a_live_run_gets_one_line_naming_the_holder(synthetic_root, tmp_path):
     args = common(synthetic_root, tmp_path, "--max_iterations", "400", "--save_interval", "1")
@@ -356,3 +377,65 @@ def test_a_full_disk_keeps_the_previous_file_and_leaves_no_temporary(tmp_path):
     with pytest.raises(UserError, match="cannot write .*latest.pth: No space left on device; the previous"):
         write_atomically(target, full_disk)
     assert target.read_bytes() == b"the previous checkpoint" and [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+# -- issue 27: a hostile test battery's faults ---------------------------------------------------------------
+def test_a_learning_rate_that_overflows_the_first_step_ends_in_one_line(synthetic_root, tmp_path):
+    """UC-Seg's consistency BCE refused the NaN probabilities of diverged weights with torch's own error; now the
+    non-finite loss is reported as in every other method."""
+    args = ["--root_path", synthetic_root, "--output_root", tmp_path, "--labelnum", "4", "--no_eval", *TINY,
+            "--labeled_bs", "1", "--max_iterations", "3", "--base_lr", "1e30"]
+    assert_one_line_error(run_main("train_ucseg_3D.py", *args), "iteration 2: the loss term", "is nan",
+                          "no checkpoint was written yet")
+
+
+TORCH_WRITE_FAILURE = ("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/7: "
+                       "file write failed")
+
+
+def test_a_full_disk_during_torch_save_is_one_line_and_keeps_the_last_checkpoint(synthetic_root, tmp_path,
+                                                                                  monkeypatch):
+    """torch.save reports a failed write as a RuntimeError, not an OSError: the run still ends in one line that
+    names the folder and its free space, and the latest.pth written before stays whole."""
+    real_save = torch.save
+
+    def disk_full_from_the_second_save(obj, handle):
+        if obj["iteration"] < 2:
+            return real_save(obj, handle)
+        handle.write(b"PK\x03\x04 half a record")
+        raise RuntimeError(TORCH_WRITE_FAILURE)
+
+    monkeypatch.setattr(torch, "save", disk_full_from_the_second_save)
+    run = run_dir(tmp_path)
+    proc = run_main(TRAIN, *common(synthetic_root, tmp_path, "--max_iterations", "3", "--save_interval", "1"))
+    assert_one_line_error(proc, f"cannot write {run / 'latest.pth'}: PytorchStreamWriter failed writing file data/7: "
+                                "file write failed; the previous latest.pth, if any, is intact", f" free in {run})")
+    monkeypatch.undo()
+    assert weights(run / "latest.pth") and torch.load(run / "latest.pth", weights_only=True)["iteration"] == 1
+    assert not list(run.glob(".*.tmp"))
+
+
+def test_a_runtime_error_that_is_not_a_failed_write_is_not_disguised_as_one(tmp_path):
+    from utils.atomic import write_atomically
+
+    def fail(handle):
+        raise RuntimeError("Expected all tensors to be on the same device")
+
+    with pytest.raises(RuntimeError, match="same device"):
+        write_atomically(tmp_path / "latest.pth", fail)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_stop_signal_during_the_final_evaluation_prints_the_command_that_evaluates_the_weights(synthetic_root,
+                                                                                                 tmp_path):
+    run = run_dir(tmp_path)
+    args = [a for a in common(synthetic_root, tmp_path, "--max_iterations", "2") if a != "--no_eval"]
+    proc = start(TRAIN, [*args, "--stride_xy", "1", "--stride_z", "1"])  # an evaluation of many windows
+    assert wait_for(lambda: proc.poll() is not None or list(run.glob(".partial-eval-*"))), "no evaluation"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
+    assert f"stopped by SIGTERM during the final evaluation; the weights are saved in {run}" in err
+    command = shlex.split(err.strip().splitlines()[-1])
+    assert command == ["python", "code/test_3D.py", "--run", str(run)]
+    assert (run / "iter_2.pth").is_file() and not list(run.glob("eval_*"))

@@ -158,14 +158,14 @@ def quick_la(tmp_path, **env):
 
 
 def test_the_cpu_protocol_runs_every_method_with_its_control_for_three_seeds(tmp_path):
-    """QUICK=1's table: per seed (1337, 2024, 42) the labelled-only V-Net, each semi-supervised method followed
-    by its matched control, and the all-labels V-Net, each printed job with one compute thread."""
+    """QUICK=1's table: 4 labels, per seed (1337, 2024, 42) the labelled-only V-Net, each semi-supervised method
+    followed by its matched control, and the all-labels V-Net."""
     proc = quick_la(tmp_path, PRINT_JOBS="1")
     assert proc.returncode == 0, proc.stderr
     jobs = [dict(item.split("=", 1) for item in line.split() if "=" in item) for line in proc.stdout.splitlines()]
     methods = ["supervised"] + [f"{m}{suffix}" for m in ("mt", "uamt", "dtc", "cps", "ugmcl", "ucseg", "ugpl")
                                 for suffix in ("", "_control")]
-    expected = [(method, "6", seed) for seed in ("1337", "2024", "42")
+    expected = [(method, "4", seed) for seed in ("1337", "2024", "42")
                 for method in methods + ["supervised"]]
     assert [(j["METHODS"], j["LABELNUMS"], j["SEEDS"]) for j in jobs] == [
         (m, "10" if i % 16 == 15 else n, s) for i, (m, n, s) in enumerate(expected)]
@@ -179,5 +179,25 @@ def test_another_output_root_keeps_the_committed_table_and_a_control_needs_a_met
     assert proc.returncode == 1
     assert f"2 at a time; table {tmp_path / 'probe' / 'results.md'}\n" in proc.stdout
     assert "results_quick.md" not in proc.stdout
-    log = tmp_path / "probe" / "logs" / "supervised_control_6_seed1337.log"
+    log = tmp_path / "probe" / "logs" / "supervised_control_4_seed1337.log"
     assert "unknown method 'supervised_control'" in log.read_text(encoding="utf-8")
+
+
+def test_the_upper_bound_counts_a_windows_edited_list_as_the_scripts_read_it(tmp_path):
+    """A train.list saved on Windows (CRLF line ends, lines of spaces, a last line without its end) holds as many
+    cases for reproduce.sh's all-labels run as the scripts read from it; a list they refuse stops it in one line."""
+    from dataloaders.h5_dataset import read_list
+
+    data = tmp_path / "synthetic"
+    data.mkdir()
+    (data / "train.list").write_bytes(b"case0\r\n  \r\ncase1 \r\n\r\n\t\r\ncase2\r\ncase3\r\ncase4\r\ncase5")
+    proc = reproduce(tmp_path, METHODS="supervised", PRINT_JOBS="1")
+    assert proc.returncode == 0, proc.stderr
+    jobs = [dict(item.split("=", 1) for item in line.split() if "=" in item) for line in proc.stdout.splitlines()
+            if line.startswith("env ")]
+    assert [job["LABELNUMS"] for job in jobs] == ["4", "6"] and len(read_list(data / "train.list")) == 6
+    (data / "train.list").write_bytes(b"case0\r\ncaf\xe9\r\n")
+    proc = reproduce(tmp_path, METHODS="supervised", PRINT_JOBS="1")
+    assert proc.returncode == 2 and "env " not in proc.stdout
+    assert proc.stderr.strip().splitlines() == [f"error: split list {data / 'train.list'} is not UTF-8 text (byte "
+                                                 "0xe9 at offset 10); save it as UTF-8, one case id per line"]

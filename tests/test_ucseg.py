@@ -336,7 +336,6 @@ def test_impossible_flag_is_a_one_line_error(synthetic_root, tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--model", "vnet"], "--model vnet: UC-Seg's subnets are fixed"),
     (["--batch_size", "3"], "--batch_size 3 must be twice --labeled_bs 1"),
     (["--regions", "1"], "--regions must be at least 2"),
     (["--contrast_levels", "6"], "--contrast_levels must be distinct encoder levels 1..5"),

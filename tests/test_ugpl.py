@@ -265,7 +265,6 @@ def test_patch_size_the_resnet_cannot_take_is_a_one_line_error(synthetic_root, t
 
 @pytest.mark.parametrize("flags, message", [
     (["--entropy_percentile", "150"], "--entropy_percentile must lie in (0, 100]"),
-    (["--model", "vnet_sdf"], "--model vnet_sdf: subnet A must be one of resnet_vnet, vnet"),
     (["--candidate_ratio", "0"], "--candidate_ratio must be at least 1"),
 ])
 def test_impossible_method_settings_are_user_errors(synthetic_root, tmp_path, flags, message):

@@ -36,12 +36,18 @@ def check_case_id(case_id, path):
 
 
 def read_list(path):
-    """Read a split list: one id per line, blank lines ignored; error if missing, empty, repeated, or an id
+    """Read a split list: UTF-8 text (a byte-order mark allowed), one id per line, surrounding spaces and
+    carriage returns stripped, blank lines ignored; error if missing, not UTF-8, empty, repeated, or an id
     that is not a plain name (:func:`check_case_id`)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"split list {path} not found")
-    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"split list {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                        f"{exc.start}); save it as UTF-8, one case id per line") from None
+    ids = [line.strip() for line in text.splitlines() if line.strip()]
     if not ids:
         raise DataError(f"split list {path} is empty")
     repeated = sorted({i for i in ids if ids.count(i) > 1})
@@ -73,10 +79,11 @@ class H5CaseDataset:
     """Cases of one split of an h5 case dataset, validated when the dataset is built.
 
     ``Dataset(root, split="train", num=None, transform=None)`` keeps the first ``num`` ids of the split
-    list (all when None); ``case_ids`` picks a subset of the list instead. Construction checks that the
-    root and list exist and that every listed case reads cleanly (keys, shapes, class-id labels, finite
-    image), so a bad file is reported before training starts; ``stats`` keeps each case's image statistics
-    and foreground size, ``warnings`` what looked wrong without being impossible.
+    list (all when None); ``case_ids`` picks a subset of the list instead (each at most once), and
+    ``split_ids`` keeps the whole list. Construction checks that the root and list exist and that every listed
+    case reads cleanly (keys, shapes, class-id labels, finite image), so a bad file is reported before training
+    starts; ``stats`` keeps each case's image statistics and foreground size, ``warnings`` what looked wrong
+    without being impossible.
     With ``cache`` the volumes read then are kept in memory (about 12 MB per LA case): decompressing four
     gzip h5 files per iteration otherwise costs a CPU run about 0.4 s of CPU time per batch. Filled before
     the loader's workers start, the cache is shared with them copy-on-write.
@@ -100,11 +107,14 @@ class H5CaseDataset:
                  cache=False):
         self.root = Path(root)
         self.split = split
-        ids = self.list_ids(root, split)
+        ids = self.split_ids = self.list_ids(root, split)
         if case_ids is not None:
             unknown = [c for c in case_ids if c not in ids]
             if unknown:
                 raise DataError(f"cases not in {self.SPLIT_FILES[split]}: {', '.join(unknown)}")
+            repeated = sorted({c for c in case_ids if list(case_ids).count(c) > 1})
+            if repeated:
+                raise DataError(f"cases given more than once: {', '.join(repeated)}")
             ids = list(case_ids)
         self.case_ids = ids[:num] if num is not None else ids
         self.transform = transform

@@ -33,7 +33,29 @@ def _dataset(handle, key, path):
     if key not in handle:
         keys = ", ".join(sorted(handle.keys())) or "none"
         raise DataError(f"{path}: no '{key}' dataset (keys present: {keys})")
-    return handle[key]
+    found = handle[key]
+    if not isinstance(found, h5py.Dataset):
+        raise DataError(f"{path}: '{key}' is an HDF5 {type(found).__name__.lower()}, not a dataset of voxels")
+    return found
+
+
+def physical_memory():
+    """Bytes of memory of this machine (``sysconf``), or None where the system does not tell."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no os.sysconf (Windows), or a name the system lacks
+        return None
+
+
+def check_fits_in_memory(path, *datasets):
+    """Refuse, before reading, datasets whose declared size exceeds the machine's memory: a damaged or foreign
+    file can declare any shape, and reading it would fail in numpy's allocation or be killed by the system."""
+    needed = sum(ds.nbytes for ds in datasets)
+    memory = physical_memory()
+    if memory is not None and needed > memory:
+        raise DataError(f"{path}: its datasets declare {needed / 2 ** 30:.1f} GiB (shape "
+                        f"{datasets[0].shape}), more than this machine's memory ({memory / 2 ** 30:.1f} GiB); "
+                        "a damaged or wrong file?")
 
 
 def read_shapes(path):
@@ -68,8 +90,9 @@ def read_case(path, num_classes=2):
     """Read and validate one case; return ``(image float32, label uint8)``.
 
     Raises :class:`DataError` for a missing, unreadable or
-    corrupt file, missing keys, a non-3D volume, image and label of different shapes, label values that are
-    not class ids ``0 .. num_classes-1``, or an image with NaN or infinite values.
+    corrupt file, missing keys or keys that are not datasets, a non-3D volume, image and label of different
+    shapes, an axis of length 0, volumes larger than the memory, label values that are not class ids
+    ``0 .. num_classes-1``, or an image with NaN or infinite values.
     """
     with _open(path) as handle:
         image_ds = _dataset(handle, IMAGE_KEY, path)
@@ -78,11 +101,16 @@ def read_case(path, num_classes=2):
             raise DataError(f"{path}: image must be a 3D volume, got shape {image_ds.shape}")
         if image_ds.shape != label_ds.shape:
             raise DataError(f"{path}: image shape {image_ds.shape} and label shape {label_ds.shape} differ")
+        if 0 in image_ds.shape:
+            raise DataError(f"{path}: image and label have an axis of length 0 (shape {image_ds.shape})")
+        check_fits_in_memory(path, image_ds, label_ds)
         try:
             label = label_ds[()]
             image = image_ds[()].astype(np.float32, copy=False)
         except OSError as exc:
             raise DataError(f"{path}: voxel data cannot be read (corrupt?): {exc}") from None
+        except MemoryError:
+            raise DataError(f"{path}: its voxels ({image_ds.shape}) do not fit in the memory left") from None
     check_label(label, path, num_classes)
     if not np.isfinite(image).all():
         raise DataError(f"{path}: image contains NaN or infinite values")

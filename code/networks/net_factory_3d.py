@@ -23,6 +23,11 @@ _BUILDERS = {
 }
 
 
+# The networks built with the V-Net's settings (filters, normalisation, dropout) that return logits alone: the
+# --model choices of a script that trains plain segmentation networks.
+PLAIN_VNETS = ("vnet", "resnet_vnet")
+
+
 def available_networks():
     """Names accepted by :func:`net_factory_3d`."""
     return sorted(_BUILDERS)

@@ -8,9 +8,11 @@
 A run is a directory holding ``config.json`` (written by ``utils.run.TrainingRun``); ``reproduce.sh`` puts
 them at ``model/<tag>_seed<seed>/<EXP>_<labelnum>/<model>/``. Runs that differ only in their seed form one
 row per (data tag, method, labelled count, protocol): each metric cell is the mean and the sample standard
-deviation (n - 1) over seeds of the per-run test-set means read from ``eval_<final checkpoint>*/summary.json``.
-A run without such an evaluation (training failed or unfinished, or never evaluated) is reported as
-"failed / not evaluated" with its reason and never contributes a number. Folders moved aside by
+deviation (n - 1) over seeds of the per-run test-set means, read from the ``summary.json`` of the run's own result:
+the evaluation of its own final weights, with the method's inference, on the whole test list, as recorded
+(``utils.own_result``). A run without one (training failed or unfinished, or never evaluated) is reported as
+"failed / not evaluated" with its reason and never contributes a number; every other evaluation in a run folder
+is listed under the table with why it is not the run's result. Folders moved aside by
 ``--overwrite`` (``<run>.old-<time>``) are not runs of the summary.
 
 Below the table, each method is compared case by case with the labelled-only V-Net (and the all-labels V-Net
@@ -41,19 +43,19 @@ if CODE_DIR not in sys.path:
 from utils.atomic import write_atomically  # noqa: E402
 from utils.cli import REPO_ROOT, ArgumentParser, output_path, resolve_path, run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
+from utils.own_result import own_evaluation  # noqa: E402
 from utils.run_files import BEST_VAL  # noqa: E402
 from report.paired import (BOOTSTRAP_RESAMPLES, better_in_every_seed, compare, metrics_rows,  # noqa: E402
                            paired_differences)
 
 FAILED = "failed / not evaluated"
 CONTROL_SUFFIX = "_control"  # reproduce.sh's experiment name of a method's control: MT_control
-EVALUATION_FILES = ("summary.json", "metrics.csv")  # what a folder of run files keeps of an evaluation
+EVALUATION_FILES = ("summary.json", "metrics.csv", "git.diff")  # what run files keep of an evaluation (a diff:
+# the code's uncommitted edits, when there were any)
 TABLE_FILE = "table.json"  # title, note and output file of the table a folder of run files defines
 UPPER_BOUND = "V-Net (all labels)"
 METRIC_COLUMNS = (("dice", "Dice (%)", 100), ("jaccard", "Jaccard (%)", 100), ("hd95", "95HD", 1),
                   ("asd", "ASD", 1))
-SUMMARY_KEYS = ("dice", "jaccard", "hd95", "asd", "num_cases", "protocol")
-PROTOCOL_KEYS = ("checkpoint", "patch_size", "stride_xy", "stride_z", "nms")
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,7 @@ class Run:
     best_summary: dict = None  # the test evaluation of best_val.pth (weights selected on validation), if any
     best_dir: Path = None  # its folder
     listed_cases: int = None  # cases of the training list the run read (config.json), where it recorded them
+    set_apart: list = field(default_factory=list)  # evaluations that are not the run's own result (own_result)
 
     @property
     def seed(self):
@@ -264,63 +267,15 @@ def read_run(run_dir, model_dir):
     tag, variant = experiment_names(args)
     run = Run(run_dir, str(run_dir.relative_to(model_dir)), config["script"], args, tag, variant,
               listed_cases=config.get("listed_training_cases"))
-    run.eval_dir, run.summary, run.problem = choose_evaluation(run)
-    best = evaluations(run, BEST_VAL)
-    if best:
-        run.best_dir, run.best_summary = min(best, key=lambda item: evaluation_preference(run, *item))
+    final = own_evaluation(run_dir, args)
+    if final.chosen:
+        run.eval_dir, run.summary = final.chosen.folder, final.chosen.summary
+    run.problem, run.set_apart = final.reason, final.others
+    best = own_evaluation(run_dir, args, BEST_VAL)
+    if best.chosen:
+        run.best_dir, run.best_summary = best.chosen.folder, best.chosen.summary
+    run.set_apart = run.set_apart + best.others
     return run
-
-
-def read_summary(eval_dir):
-    """``summary.json`` of an evaluation folder, or None when it is missing or unreadable."""
-    try:
-        summary = json.loads((eval_dir / "summary.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    complete = isinstance(summary, dict) and all(key in summary for key in SUMMARY_KEYS) \
-        and all(key in summary["protocol"] for key in PROTOCOL_KEYS)
-    return summary if complete else None
-
-
-def eval_index(folder_name, checkpoint):
-    """The ``N`` of an evaluation folder ``eval_<checkpoint stem>[_nms][_N]`` of ``checkpoint`` (1 without
-    suffix), or None for a folder of another checkpoint (``eval_iter_200`` is not one of ``iter_20.pth``)."""
-    stem = re.escape(Path(checkpoint).stem)
-    match = re.fullmatch(rf"eval_{stem}(?:_nms)?(?:_(\d+))?", folder_name)
-    return int(match[1] or 1) if match else None
-
-
-def evaluations(run, checkpoint=None):
-    """``[(folder, summary)]`` of the test-set evaluations of ``checkpoint`` (default: the run's final one)."""
-    checkpoint = checkpoint or run.final_checkpoint
-    found = []
-    for folder in sorted(run.path.glob("eval_*")):
-        summary = read_summary(folder) if eval_index(folder.name, checkpoint) else None
-        if summary and summary["protocol"]["checkpoint"] == checkpoint \
-                and summary["protocol"].get("split", "test") == "test":
-            found.append((folder, summary))
-    return found
-
-
-def evaluation_preference(run, folder, summary):
-    """Sort key of an evaluation: the run's own protocol first (LCC as ``args.nms`` says, its patch and
-    strides), voxel units (the papers'), the most cases, then the first made (``eval_x`` before ``eval_x_2``)."""
-    protocol, args = summary["protocol"], run.args
-    return (protocol["nms"] != bool(args["nms"]),
-            [protocol["patch_size"], protocol["stride_xy"], protocol["stride_z"]]
-            != [args.get("patch_size"), args.get("stride_xy"), args.get("stride_z")],
-            protocol.get("units") != "voxels", -summary["num_cases"], eval_index(folder.name, protocol["checkpoint"]))
-
-
-def choose_evaluation(run):
-    """``(folder, summary, None)`` of the evaluation the table uses, or ``(None, None, why there is none)``."""
-    found = evaluations(run)
-    if found:
-        folder, summary = min(found, key=lambda item: evaluation_preference(run, *item))
-        return folder, summary, None
-    if not (run.path / run.final_checkpoint).is_file():
-        return None, None, f"no final checkpoint {run.final_checkpoint} (training failed or unfinished)"
-    return None, None, f"{run.final_checkpoint} has no test evaluation (eval_{Path(run.final_checkpoint).stem}*)"
 
 
 def count_training_cases(run):
@@ -442,7 +397,9 @@ def row_order(row):
 
 
 def run_notes(runs):
-    """Notes under the table: each failed run and its reason; each run with empty predictions."""
+    """Notes under the table: each failed run and its reason; each run with empty predictions; the evaluations
+    kept apart, each with why it is not its run's result; how many numbers were chosen without a provenance
+    record, and how many with code other than the run's training code."""
     notes = []
     for run in runs:
         if run.summary is None:
@@ -451,6 +408,22 @@ def run_notes(runs):
             notes.append(f"`{run.name}` (seed {run.seed}): {run.summary['num_empty_pred']} of "
                          f"{run.summary['num_cases']} test cases predicted empty; their 95HD/ASD are undefined "
                          "and left out of that run's means")
+        for other in run.set_apart:
+            chosen = run.best_dir if other.summary["protocol"]["checkpoint"] == BEST_VAL else run.eval_dir
+            why = ", ".join(other.problems) or \
+                f"another evaluation of the run's own weights; the table uses {chosen.name}"
+            notes.append(f"`{run.name}/{other.folder.name}`: not in the table ({why})")
+    tabled = [run.summary for run in runs if run.summary is not None]
+    unrecorded = sum("provenance" not in summary for summary in tabled)
+    if unrecorded:
+        notes.append(f"{unrecorded} of the {len(tabled)} evaluations in the table were made before evaluations "
+                     "recorded their weights' hash and code: each was chosen by the checkpoint, network, split and "
+                     "case list it did record")
+    other_code = [run.name for run in runs if run.summary is not None
+                  and run.summary.get("provenance", {}).get("code_as_trained") is False]
+    if other_code:
+        notes.append(f"evaluated with code other than their training code (commit and diff in the evaluation's "
+                     f"summary.json and git.diff): {', '.join(f'`{name}`' for name in other_code)}")
     return notes
 
 
@@ -755,7 +728,8 @@ def render(results, title, note=None, model_label=None):
 def export_run_files(results, out, table):
     """Copy, for every run of ``results``, the small files that define its numbers into ``out`` (the run
     folders' layout kept): ``config.json``, and ``summary.json`` and ``metrics.csv`` of the evaluation the table
-    uses and of the one of ``best_val.pth``; no weights, no logs. ``table`` (title, note, out) goes to
+    uses and of the one of ``best_val.pth``, with the ``git.diff`` of each where the code had uncommitted edits;
+    no weights, no logs. ``table`` (title, note, out) goes to
     ``out/table.json``, so that ``summarize.py --model_dir <out>`` writes the same document again without
     training. ``out`` is replaced as a whole (built beside it, then swapped in), so that a run no longer in the
     results leaves no files behind."""
@@ -765,7 +739,9 @@ def export_run_files(results, out, table):
     for run in (run for row in results.rows for run in row.runs + row.failed):
         destination = staging / run.name
         destination.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(run.path / "config.json", destination / "config.json")
+        for name in ("config.json", "git.diff"):
+            if (run.path / name).is_file():
+                shutil.copy2(run.path / name, destination / name)
         for folder in (run.eval_dir, run.best_dir):
             if folder is not None:
                 (destination / folder.name).mkdir()

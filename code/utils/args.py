@@ -19,6 +19,9 @@ RUNTIME_FLAGS = ("resume", "overwrite", "accept_changes", "device", "num_workers
                  "no_eval", "progress", "recompute", "val_interval", "save_interval", "save_minutes", "output_root",
                  "channels_last", "compile")
 
+# The largest --seed: torch's generators take seeds of 64 bits, without sign (numpy's take any size).
+MAX_SEED = 2 ** 64 - 1
+
 # Settings that got a flag after runs had been made, with the value every earlier run used: a run's stored
 # arguments are completed with them (``stored_args``), so that older runs are still evaluated and resumed as
 # they were trained.
@@ -37,9 +40,12 @@ def stored_args(config):
 
 
 def training_parser(description, *, exp, max_iterations, batch_size, base_lr, seed=1337,
-                    semi_supervised=True, labeled_bs=2, model="vnet", consistency=0.1,
+                    semi_supervised=True, labeled_bs=2, model="vnet", models=None, consistency=0.1,
                     consistency_rampup=40.0):
     """An :class:`ArgumentParser` with the shared flags and the method's defaults.
+
+    ``--model`` accepts ``models``, the networks the script can train (default: ``model`` alone), so that a
+    name it cannot build or train is refused by the parser, before a run folder exists.
 
     Semi-supervised scripts also get ``--labeled_bs`` and the SSL4MIS consistency weight flags
     (``--consistency``, the maximum weight; ``--consistency_rampup``, the sigmoid ramp-up length in
@@ -74,8 +80,9 @@ def training_parser(description, *, exp, max_iterations, batch_size, base_lr, se
     run.add_argument("--exp", default=f"{{dataset}}/{exp}",
                      help="experiment name; the run goes to <output_root>/<exp>_<labelnum>/<model> (default: "
                           f"<dataset>/{exp}, e.g. LA/{exp})")
-    run.add_argument("--model", default=model,
-                     help="network name, also the last folder of the run directory (default: %(default)s)")
+    run.add_argument("--model", default=model, choices=models or (model,),
+                     help="network name, one of those this method can train, also the last folder of the run "
+                          "directory (default: %(default)s)")
     run.add_argument("--n_filters", type=int, default=16,
                      help="width of the networks: channels of the first encoder level, doubled at each of the "
                           "next four (default: 16, every paper's; a narrower network, the same for every "
@@ -224,14 +231,12 @@ def check_finite(args):
 
 
 def check_run_location(args):
-    """``--exp`` and ``--model`` name folders inside ``--output_root``: a relative path without ``..`` and a
-    plain name, so that a run never lands, or moves a folder aside, outside the output root."""
+    """``--exp`` names folders inside ``--output_root``: a relative path without ``..``, so that a run never
+    lands, or moves a folder aside, outside the output root (``--model``, the last folder, is one of the
+    script's network names, which the parser checks)."""
     exp = PurePath(args.exp)
     if exp.is_absolute() or ".." in exp.parts or not exp.parts:
         raise UserError(f"--exp {args.exp!r} must be a relative path inside --output_root (no '..', not absolute)")
-    model = PurePath(args.model)
-    if len(model.parts) != 1 or model.name in (".", "..") or model.is_absolute():
-        raise UserError(f"--model {args.model!r} must be a plain name (it is the last folder of the run directory)")
     root = Path(args.output_root).resolve()
     if root.exists() and not root.is_dir():
         raise UserError(f"--output_root {args.output_root} is a file, not a folder")
@@ -247,6 +252,8 @@ def check_args(args):
     check_window(args.patch_size, args.stride_xy, args.stride_z)
     if args.labelnum < 1:
         raise UserError(f"--labelnum must be at least 1, got {args.labelnum}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UserError(f"--seed must lie in 0..{MAX_SEED} (what torch's generators take), got {args.seed}")
     if args.label_seed is not None and args.label_seed < 0:
         raise UserError(f"--label_seed must be >= 0, got {args.label_seed}")
     for flag in ("max_iterations", "batch_size", "save_interval", "snapshot_interval", "sw_batch_size", "lr_step",

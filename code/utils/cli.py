@@ -9,7 +9,9 @@ with ``128 + signal`` (130, 143); a training loop replaces them with handlers th
 checkpoint (``utils.run.TrainingRun``).
 """
 import argparse
+import errno
 import gc
+import os
 import signal
 import sys
 from pathlib import Path
@@ -95,11 +97,25 @@ def exit_status(main, argv):
 def resolve_path(path, default_base=REPO_ROOT):
     """Resolve a user path: as given when absolute or existing relative to the working directory,
     otherwise relative to ``default_base`` (the repository root), so that the documented commands
-    work from any directory."""
+    work from any directory. A loop of symbolic links is a one-line :class:`UserError` naming the path."""
     path = Path(path).expanduser()
-    if path.is_absolute() or path.exists():
-        return path.resolve()
-    return (Path(default_base) / path).resolve()
+    if not (path.is_absolute() or path.exists() or symlink_loop(path)):
+        path = Path(default_base) / path
+    if symlink_loop(path):
+        raise UserError(f"{path} runs into a loop of symbolic links: it names no file or folder")
+    return path.resolve()
+
+
+def symlink_loop(path):
+    """Whether the system, following the symbolic links of ``path``, runs into a loop (``ELOOP``): ``Path.exists``
+    says only that the path is not there, and ``Path.resolve`` raises a ``RuntimeError`` before Python 3.13."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno == errno.ELOOP
+    except ValueError:  # a path the system cannot take (a NUL byte)
+        return False
+    return False
 
 
 def output_path(path):

@@ -8,7 +8,9 @@ killed leaves no ``eval_*`` folder that a reader (``reproduce.sh``, ``summarize.
 next evaluation of the run removes what a killed one left.
 
 - ``metrics.csv``: one row per case (dice, jaccard, hd95, asd, empty_pred, empty_gt) and mean/std rows;
-- ``summary.json``: means, standard deviations, counts and the protocol behind them;
+- ``summary.json``: means, standard deviations, counts, the protocol behind them and what was evaluated (the
+  ``provenance`` record of ``utils.provenance``: weights, network, cases, code);
+- ``git.diff``: the code's uncommitted edits, when there are any;
 - with ``save_nii``: ``<case>_pred.nii.gz``, ``<case>_img.nii.gz``, ``<case>_gt.nii.gz``.
 
 :func:`validation_dice` is the lighter periodic validation during a run (``--val_interval``): mean Dice only,
@@ -31,6 +33,7 @@ from tqdm import tqdm
 from utils.errors import UserError
 from utils.folder_lock import LOCK_FILE, FolderLock, is_abandoned
 from utils.metrics import calculate_metric_percase, dice_score, largest_connected_component, summarize_metrics
+from utils.provenance import evaluation_record
 from utils.sliding_window import channels_last, keep_freed_memory, sliding_window_inference
 
 METRICS = ("dice", "jaccard", "hd95", "asd")
@@ -115,9 +118,14 @@ def format_summary(summary):
 
 
 def evaluate(predict, dataset, run_dir, checkpoint_name, *, patch_size, stride_xy, stride_z, num_classes, device,
-             sw_batch_size=4, nms=False, spacing=None, save_nii=False, protocol_extra=None, progress=True):
+             sw_batch_size=4, nms=False, spacing=None, save_nii=False, protocol_extra=None, source=None,
+             progress=True):
     """Evaluate ``predict`` on every case of ``dataset``; return ``(summary, folder)``, the folder being the new
     ``<run_dir>/eval_<checkpoint>[_nms][_N]`` (:func:`new_eval_dir`) that holds the result files.
+
+    ``source`` says what is evaluated, ``{"weights": <checkpoint file>, "network": <name or None>, "evaluator":
+    <script>}``; the summary then carries its ``provenance`` record (``utils.provenance``): the weights' hash,
+    the exact cases, the code.
 
     The files are written into a hidden partial folder that is renamed only when complete; an evaluation that
     fails or is interrupted leaves nothing behind (a killed one leaves its partial folder, which the next
@@ -130,6 +138,11 @@ def evaluate(predict, dataset, run_dir, checkpoint_name, *, patch_size, stride_x
     try:
         summary = _evaluate_into(predict, dataset, partial, patch_size, stride_xy, stride_z, num_classes, device,
                                  sw_batch_size, nms, spacing, save_nii, protocol_extra, progress)
+        if source is not None:
+            summary["provenance"] = evaluation_record(
+                run_dir, source["weights"], network=source.get("network"), split=dataset.split,
+                cases=dataset.case_ids, split_cases=dataset.split_ids, evaluator=source["evaluator"], out_dir=partial)
+        write_summary(partial, summary)
         out_dir = publish(partial, run_dir, checkpoint_name, nms)
     except BaseException:
         lock.release()
@@ -233,8 +246,12 @@ def _evaluate_into(predict, dataset, out_dir, patch_size, stride_xy, stride_z, n
         "seconds": round(time.time() - started, 2), **(protocol_extra or {}),
     }
     _write_csv(out_dir / "metrics.csv", rows, summary)
-    (out_dir / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2) + "\n")
     return summary
+
+
+def write_summary(out_dir, summary):
+    """``summary.json`` of an evaluation folder."""
+    (out_dir / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2) + "\n")
 
 
 def _json_safe(value):

@@ -28,7 +28,6 @@ import platform
 import re
 import shlex
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,12 +40,13 @@ from dataloaders.samplers import InfiniteBatches, seed_worker
 from utils.args import RUNTIME_FLAGS, stored_args
 from utils.atomic import write_atomically
 from utils.checkpoint import load_checkpoint, load_models, save_checkpoint
-from utils.cli import REPO_ROOT, install_stop_handlers
+from utils.cli import install_stop_handlers
 from utils.errors import Interrupted, UserError, signal_name
 from utils.evaluation import (check_evaluation_dependencies, eval_mode, evaluate, format_summary,
                               prepare_for_inference, selection_record, validation_dice)
 from utils.folder_lock import LOCK_FILE, FolderLock
 from utils.lr_schedule import lr_at, set_lr
+from utils.provenance import code_record
 from utils.run_files import BEST_VAL, LATEST, snapshot_name
 from utils.runtime import (autocast, capture_rng_state, prepare_for_training, quiet_determinism_warnings,
                            restore_rng_state, seed_everything, select_device, to_step_layout)
@@ -60,24 +60,6 @@ _UNREAD = object()  # TrainingRun._best before best_val.pth was looked at
 def run_directory(args):
     """``<output_root>/{exp}_{labelnum}/{model}``."""
     return Path(args.output_root) / f"{args.exp}_{args.labelnum}" / args.model
-
-
-def _git(*cmd):
-    return subprocess.run(["git", "-C", str(REPO_ROOT), *cmd], capture_output=True, encoding="utf-8",
-                          errors="replace", timeout=10).stdout
-
-
-def _git_info(run_dir):
-    """Commit and dirty flag of the code; with uncommitted edits (a researcher trying an idea), their
-    diff is kept as ``git.diff`` in the run directory so that the run can be traced to its code."""
-    try:
-        commit = _git("rev-parse", "HEAD").strip() or None
-        dirty = bool(_git("status", "--porcelain", "--untracked-files=no").strip())
-        if dirty:
-            (run_dir / "git.diff").write_text(_git("diff", "HEAD"), encoding="utf-8")
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
-    return {"commit": commit, "dirty": dirty, "diff": "git.diff" if dirty else None}
 
 
 def _versions():
@@ -218,6 +200,7 @@ class TrainingRun:
         self._validation = None
         self._best = _UNREAD
         self._stop_signal = None
+        self._accepted_changes = None  # (time, changed settings) of --accept_changes, until the first step
         self._saved_iteration = None
         self._last_save_time = time.monotonic()
         self._lock = self._prepare_directory()
@@ -320,7 +303,7 @@ class TrainingRun:
         now = dt.datetime.now().isoformat(timespec="seconds")
         if stored is None:
             config = {"script": self.script, "args": current, "command": sys.argv,
-                      "git": _git_info(self.dir), "versions": _versions(), "host": socket.gethostname(),
+                      "git": code_record(self.dir), "versions": _versions(), "host": socket.gethostname(),
                       "device": str(self.device), "threads": torch.get_num_threads(), "started": now}
         else:
             config = stored
@@ -330,12 +313,11 @@ class TrainingRun:
                 if not self.args.accept_changes:
                     raise UserError(f"--resume with settings that differ from the run's config.json: {detail} "
                                     "(add --accept_changes to continue with the new ones)")
-                config["args"] = {**stored_args(stored), **{k: new for k, (_, new) in changed.items()}}
-                config.setdefault("changes", []).append({"time": now, "flags": {k: list(v) for k, v in
-                                                                                changed.items()}})
+                self._accepted_changes = (now, changed)
             config.setdefault("resumed", []).append(now)
             if changed:
-                self.logger.info(f"--accept_changes: continuing with {detail}")
+                self.logger.info(f"--accept_changes: continuing with {detail} (written to config.json after the "
+                                 "first iteration)")
             if config.get("threads", torch.get_num_threads()) != torch.get_num_threads():
                 self.logger.info(f"warning: the run started with {config['threads']} compute threads and goes on "
                                  f"with {torch.get_num_threads()}; on the CPU the thread count changes the "
@@ -361,6 +343,10 @@ class TrainingRun:
                                 hint="the run cannot continue from it; start it afresh with --overwrite (the "
                                      "damaged run is kept aside), or evaluate one of its iter_N.pth with "
                                      "code/test_3D.py --checkpoint")
+        if int(state["iteration"]) > self.args.max_iterations:
+            raise UserError(f"--max_iterations {self.args.max_iterations} is below the iteration this run reached "
+                            f"({state['iteration']}); its weights are past that point (evaluate an earlier "
+                            "iter_N.pth with code/test_3D.py --checkpoint, or continue with a larger value)")
         load_models(state, models, path, self.script)
         for name, optimizer in optimizers.items():
             optimizer.load_state_dict(state["optimizers"][name])
@@ -377,6 +363,7 @@ class TrainingRun:
         Weights holding a NaN or an infinity are never written: the run stops with one line and the last
         checkpoint stays as it was."""
         args = self.args
+        self._record_accepted_changes()
         last = iteration == args.max_iterations
         if last or iteration % args.snapshot_interval == 0:
             save_checkpoint(self.dir / snapshot_name(iteration), {
@@ -389,6 +376,21 @@ class TrainingRun:
             if self._saved_iteration != iteration:  # the signal came while the files above were written
                 self._save_latest(iteration, models, optimizers)
             self._stop(iteration)
+
+    def _record_accepted_changes(self):
+        """Write the settings that ``--accept_changes`` took into ``config.json``, once the resumed run has loaded
+        its checkpoint with them and taken a step (or, finished already, reached its evaluation): a change that
+        cannot work (another ``--n_filters``) stops the run before, and leaves the configuration that matches the
+        run's checkpoints."""
+        if self._accepted_changes is None:
+            return
+        now, changed = self._accepted_changes
+        path = self.dir / "config.json"
+        config = json.loads(path.read_text(encoding="utf-8"))
+        config["args"] = {**stored_args(config), **{k: new for k, (_, new) in changed.items()}}
+        config.setdefault("changes", []).append({"time": now, "flags": {k: list(v) for k, v in changed.items()}})
+        write_json(path, config)
+        self._accepted_changes = None
 
     def _save_latest(self, iteration, models, optimizers):
         save_checkpoint(self.dir / LATEST, {
@@ -482,6 +484,13 @@ class TrainingRun:
         self.logger.info(message.splitlines()[0], extra={"console": False})
         self._close_bar()
         raise Interrupted(self._stop_signal, message)
+
+    def _stop_evaluation(self, signum, frame):
+        """Signal handler of the final evaluation: stop at once with :class:`~utils.errors.Interrupted`, whose
+        message gives the command that evaluates the saved weights."""
+        raise Interrupted(signum, f"stopped by {signal_name(signum)} during the final evaluation; the weights are "
+                                  f"saved in {self.dir}. Evaluate them with:\n"
+                                  f"  python code/test_3D.py --run {shlex.quote(str(self.dir))}")
 
     # -- loop helpers -----------------------------------------------------------------------------------
     def sgd(self, parameters):
@@ -630,7 +639,8 @@ class TrainingRun:
         that validation selected (``best_val.pth``, when ``--val_interval`` kept one), each into its own
         ``eval_*`` folder; then free the folder's lock. A signal now stops the evaluation at once: the weights
         are saved, and ``test_3D.py`` evaluates them."""
-        install_stop_handlers()
+        install_stop_handlers(self._stop_evaluation)
+        self._record_accepted_changes()  # a finished run resumed with changes takes no step
         self._close_bar()
         self.logger.info(f"training finished at iteration {self.args.max_iterations}; weights in {self.dir}")
         summary = None
@@ -658,6 +668,7 @@ class TrainingRun:
             stride_xy=self.args.stride_xy, stride_z=self.args.stride_z, num_classes=num_classes,
             device=self.device, sw_batch_size=self.args.sw_batch_size, nms=bool(self.args.nms),
             protocol_extra={"checkpoint": checkpoint, "iteration": iteration, "split": "test", **(extra or {})},
+            source={"weights": self.dir / checkpoint, "network": None, "evaluator": self.script},
             progress=bool(self.args.progress))
         self.logger.info(f"test ({out_dir.name}): {format_summary(summary)}")
         return summary
