@@ -2,7 +2,9 @@
 are written; a second call skips what exists, reports a failed run, goes on, and exits non-zero."""
 import json
 import os
+import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -60,6 +62,32 @@ def test_second_call_skips_finished_runs_and_reports_a_failure_without_stopping(
     assert "unknown method 'nosuch'" in out and out.rstrip().endswith("FAILED: nosuch")
     assert out.count("trained already") == 3 and out.count("evaluated already") == 3
     assert "training ->" not in out
+
+
+def test_a_run_whose_own_evaluation_was_lost_is_evaluated_again_whatever_else_it_holds(quick, tmp_path):
+    """Only evaluations that are not the run's result are left (one case, another network): reproduce.sh
+    evaluates the run again instead of taking their folders as done, and the table shows the new result."""
+    source, _ = quick
+    run = tmp_path / "runs" / "quickstart_synthetic_seed1337" / "MT_4" / "vnet"
+    shutil.copytree(source / "runs" / "quickstart_synthetic_seed1337" / "MT_4" / "vnet", run)
+    (run / "eval_iter_2").rename(run / "eval_iter_2_ema_model")
+    summary = json.loads((run / "eval_iter_2_ema_model" / "summary.json").read_text())
+    summary["provenance"]["network"] = "ema_model"
+    (run / "eval_iter_2_ema_model" / "summary.json").write_text(json.dumps(summary))
+    test_3d = subprocess.run([sys.executable, str(REPO_ROOT / "code" / "test_3D.py"), "--run", str(run), "--cases",
+                              summary["provenance"]["cases"][0], "--progress", "0"], capture_output=True,
+                             encoding="utf-8", timeout=600)
+    assert "note: kept apart from the run's result in tables" in test_3d.stdout, test_3d.stdout + test_3d.stderr
+    proc = reproduce(tmp_path, METHODS="mt", UPPER_BOUND="0", PLOTS="0",
+                     SYNTHETIC_ROOT=str(source / "synthetic"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "trained already" in proc.stdout and "evaluated already" not in proc.stdout
+    assert "the run's result in tables (eval_iter_2_2)" in proc.stdout  # eval_iter_2: the one case
+    table = (tmp_path / "runs" / "results.md").read_text(encoding="utf-8")
+    assert "`quickstart_synthetic_seed1337/MT_4/vnet/eval_iter_2_ema_model`: not in the table (network ema_model" \
+        in table
+    row = next(line for line in table.splitlines() if line.startswith("| quickstart_synthetic | Mean teacher"))
+    assert "1 of 1" in row and "failed" not in row
 
 
 def test_a_finished_run_made_with_other_settings_is_reported_not_reused(quick):
