@@ -43,7 +43,9 @@
 # table's numbers are copied and the table is made from: results/<protocol> for the default OUTPUT_ROOT of the
 # real-data protocols, else none), PLOTS (0: no figures), QUICK_ITERATIONS, QUICK_PATCH, QUICK_STRIDE ("XY Z"),
 # QUICK_WIDTH, QUICK_SEMI_BATCH ("labelled unlabelled" crops of the semi-supervised methods; synthetic: "1 1"),
-# QUICK_THREADS, HALF_ROOT, SYNTHETIC_ROOT, SYNTHETIC_SHAPE.
+# QUICK_THREADS, HALF_ROOT, SYNTHETIC_ROOT, SYNTHETIC_SHAPE. A variable that is almost one of these (LABELNUM,
+# METHOD, SEED, quick, OUTPUT_DIR, ...) and any argument stop the script in one line before anything runs;
+# `bash reproduce.sh --help` prints this text.
 # Finished runs are skipped, interrupted ones resumed (--resume), and a failed run is
 # reported while the others go on; the script exits non-zero at the end if any failed.
 #
@@ -58,6 +60,43 @@
 # the output folder; a plain call afterwards skips the finished runs and writes the table and the figures.
 set -uo pipefail
 cd "$(dirname "$0")"
+
+# the settings (environment variables) this script reads; the header above says what each does
+SETTINGS="DATA_ROOT QUICK LABELNUMS SEEDS CONTROLS LABEL_SEEDS VAL_NUM VAL_INTERVAL METHODS UPPER_BOUND DEVICE
+EXTRA_ARGS OUTPUT_ROOT RESULTS FIGURES RUN_FILES PLOTS PYTHON QUICK_ITERATIONS QUICK_PATCH QUICK_STRIDE QUICK_WIDTH
+QUICK_SEMI_BATCH QUICK_THREADS QUICK_LABELNUMS HALF_ROOT SYNTHETIC_ROOT SYNTHETIC_SHAPE JOBS GPUS PRINT_JOBS SUMMARY"
+
+usage() {  # the header's comment, without its '#'
+    sed -n '2,/^set -uo pipefail/p' "$0" | sed '$d; s/^# \{0,1\}//'
+}
+
+near_miss() {  # near_miss NAME: the setting NAME was probably meant to be (a plural without its s, another
+    # case, a usual other name), or nothing
+    local name=$1 setting
+    case $name in
+        OUTPUT_DIR|OUTPUT_FOLDER|OUTPUT_PATH|OUT_DIR) echo OUTPUT_ROOT; return ;;
+        DATA_DIR|DATA_PATH|DATASET_ROOT|ROOT_PATH) echo DATA_ROOT; return ;;
+    esac
+    for setting in $SETTINGS; do
+        if [ "$name" != "$setting" ] && { [ "${name^^}" = "$setting" ] || [ "${name}S" = "$setting" ]; }; then
+            echo "$setting"; return
+        fi
+    done
+}
+
+case "${1:-}" in
+    -h|--help) usage; exit 0 ;;
+    "") ;;
+    *) echo "error: reproduce.sh takes no arguments, its settings are environment variables (LABELNUMS=4 bash" \
+            "reproduce.sh); got '$1'. See bash reproduce.sh --help" >&2; exit 2 ;;
+esac
+for name in $(compgen -e); do
+    meant=$(near_miss "$name")
+    if [ -n "$meant" ]; then
+        echo "error: $name is not a setting of reproduce.sh; did you mean $meant? (bash reproduce.sh --help)" >&2
+        exit 2
+    fi
+done
 
 PASSED=()  # the settings the caller gave, repeated in every command of PRINT_JOBS=1
 for name in DATA_ROOT QUICK DEVICE EXTRA_ARGS OUTPUT_ROOT PYTHON PLOTS HALF_ROOT SYNTHETIC_ROOT SYNTHETIC_SHAPE \

@@ -258,3 +258,36 @@ def test_help_shows_every_default(script):
         assert "default" in formatter._get_help_string(action), (script, action.option_strings)
     ucseg_help = " ".join(importlib.import_module("train_ucseg_3D").get_parser().format_help().split())
     assert "--max_iterations MAX_ITERATIONS default: 50000" in ucseg_help
+
+
+
+def test_a_stop_python_cannot_raise_where_it_arrives_is_kept_and_raised_at_the_next_safe_point(monkeypatch, capsys):
+    """A signal handler's Interrupted raised inside a weakref callback is swallowed by Python ("Exception ignored",
+    with a traceback): the hook keeps it silently; the sliding window raises it before its next batch, once; a
+    script that returns meanwhile exits with the signal's status."""
+    import weakref
+
+    from utils.cli import exit_status
+    from utils.errors import Interrupted, keep_swallowed_stop, raise_swallowed_stop
+
+    monkeypatch.setattr(sys, "unraisablehook", keep_swallowed_stop)
+
+    class Anything:
+        pass
+
+    def swallow_a_stop():
+        thing = Anything()
+        ref = weakref.ref(thing, lambda _: (_ for _ in ()).throw(Interrupted(15, "stopped by SIGTERM")))
+        del thing
+        assert ref() is None
+
+    swallow_a_stop()
+    assert "Traceback" not in capsys.readouterr().err
+    predicted = []
+    with pytest.raises(Interrupted, match="SIGTERM"):
+        sliding_window_inference(lambda x: predicted.append(x) or x.repeat(1, 2, 1, 1, 1), np.zeros((8, 8, 8)),
+                                 (8, 8, 8), 4, 4, 2, "cpu")
+    assert predicted == []
+    raise_swallowed_stop()  # raised once only
+    assert exit_status(lambda argv: swallow_a_stop(), []) == 128 + 15
+    assert "stopped by SIGTERM" in capsys.readouterr().err

@@ -229,3 +229,28 @@ def test_the_upper_bound_counts_a_windows_edited_list_as_the_scripts_read_it(tmp
     assert proc.returncode == 2 and "env " not in proc.stdout
     assert proc.stderr.strip().splitlines() == [f"error: split list {data / 'train.list'} is not UTF-8 text (byte "
                                                  "0xe9 at offset 10); save it as UTF-8, one case id per line"]
+
+
+def test_help_prints_the_usage_and_trains_nothing(tmp_path):
+    proc = subprocess.run(["bash", str(REPO_ROOT / "reproduce.sh"), "--help"], cwd=tmp_path, capture_output=True,
+                          encoding="utf-8", timeout=60, env={**os.environ, "OUTPUT_ROOT": str(tmp_path / "runs")})
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert proc.stdout.startswith("Train and evaluate every method") and "Environment: DATA_ROOT" in proc.stdout
+    assert "#" not in proc.stdout.splitlines()[0] and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("argv, env, message", [
+    (["-x"], {}, "reproduce.sh takes no arguments, its settings are environment variables"),
+    ([], {"LABELNUM": "4"}, "LABELNUM is not a setting of reproduce.sh; did you mean LABELNUMS?"),
+    ([], {"METHOD": "mt"}, "METHOD is not a setting of reproduce.sh; did you mean METHODS?"),
+    ([], {"SEED": "1"}, "did you mean SEEDS?"),
+    ([], {"OUTPUT_DIR": "x"}, "did you mean OUTPUT_ROOT?"),
+    ([], {"quick": "1"}, "did you mean QUICK?"),
+])
+def test_unknown_arguments_and_misspelled_settings_stop_before_anything_runs(tmp_path, argv, env, message):
+    settings = {**os.environ, "OUTPUT_ROOT": str(tmp_path / "runs"), "DATA_ROOT": str(tmp_path / "no_data"), **env}
+    proc = subprocess.run(["bash", str(REPO_ROOT / "reproduce.sh"), *argv], cwd=tmp_path, capture_output=True,
+                          encoding="utf-8", timeout=60, env=settings)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert len(proc.stderr.splitlines()) == 1 and message in proc.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "no_data").exists()

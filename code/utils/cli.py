@@ -16,7 +16,7 @@ import signal
 import sys
 from pathlib import Path
 
-from utils.errors import Interrupted, UserError
+from utils.errors import Interrupted, UserError, keep_swallowed_stop, raise_swallowed_stop
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXIT_USER_ERROR = 2
@@ -59,7 +59,10 @@ def raise_interrupted(signum, frame):
 
 def install_stop_handlers(handler=raise_interrupted):
     """Let SIGINT and SIGTERM call ``handler`` (also when the shell started us with SIGINT ignored, as
-    bash does for background jobs)."""
+    bash does for background jobs); an :class:`~utils.errors.Interrupted` that Python cannot raise where the
+    signal arrived is kept, not printed, and raised again at the next safe point
+    (:func:`~utils.errors.keep_swallowed_stop`)."""
+    sys.unraisablehook = keep_swallowed_stop
     for signum in STOP_SIGNALS:
         signal.signal(signum, handler)
 
@@ -80,7 +83,9 @@ def run_cli(main, argv=None):
 def exit_status(main, argv):
     """``main(argv)``'s exit status, with a user error, an interruption or a failed write reported in one line."""
     try:
-        return main(argv) or 0
+        status = main(argv) or 0
+        raise_swallowed_stop()
+        return status
     except SystemExit as stop:  # argparse: --help, a flag error
         return stop.code
     except (UserError, OSError) as exc:

@@ -1,5 +1,6 @@
 """User-facing errors and interruptions, reported as one line with a non-zero exit (see ``utils.cli.run_cli``)."""
 import signal
+import sys
 
 
 class UserError(Exception):
@@ -34,3 +35,30 @@ def signal_name(signum):
         return signal.Signals(signum).name
     except ValueError:
         return f"signal {signum}"
+
+
+_swallowed_stop = None
+
+
+def keep_swallowed_stop(unraisable):
+    """``sys.unraisablehook`` that keeps an :class:`Interrupted` instead of printing it.
+
+    A stop signal's handler raises :class:`Interrupted` wherever Python happens to be; when that is a weakref
+    callback or a ``__del__`` (torch and the garbage collector run many), Python cannot propagate it: it prints
+    "Exception ignored in ..." with a traceback and carries on, and the stop would be lost. This hook keeps it
+    silently; :func:`raise_swallowed_stop`, called where long work can stop safely (between sliding windows,
+    before a result is published, when the script returns), raises it again. Other unraisable exceptions are
+    reported as Python does."""
+    global _swallowed_stop
+    if isinstance(unraisable.exc_value, Interrupted):
+        _swallowed_stop = _swallowed_stop or unraisable.exc_value
+    else:
+        sys.__unraisablehook__(unraisable)
+
+
+def raise_swallowed_stop():
+    """Raise the stop that :func:`keep_swallowed_stop` kept, once; nothing when there is none."""
+    global _swallowed_stop
+    stop, _swallowed_stop = _swallowed_stop, None
+    if stop is not None:
+        raise stop

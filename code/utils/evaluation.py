@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from utils.errors import UserError
+from utils.errors import UserError, raise_swallowed_stop
 from utils.folder_lock import LOCK_FILE, FolderLock, is_abandoned
 from utils.metrics import calculate_metric_percase, dice_score, largest_connected_component, summarize_metrics
 from utils.provenance import evaluation_record
@@ -143,6 +143,7 @@ def evaluate(predict, dataset, run_dir, checkpoint_name, *, patch_size, stride_x
                 run_dir, source["weights"], network=source.get("network"), split=dataset.split,
                 cases=dataset.case_ids, split_cases=dataset.split_ids, evaluator=source["evaluator"], out_dir=partial)
         write_summary(partial, summary)
+        raise_swallowed_stop()
         out_dir = publish(partial, run_dir, checkpoint_name, nms)
     except BaseException:
         lock.release()

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils.errors import UserError
+from utils.errors import UserError, raise_swallowed_stop
 
 M_TRIM_THRESHOLD = -1  # glibc mallopt parameters (malloc.h)
 M_MMAP_THRESHOLD = -3
@@ -96,7 +96,9 @@ def sliding_window_inference(predict, image, patch_size, stride_xy, stride_z, nu
 
     ``predict`` maps a batch ``[B, 1, px, py, pz]`` on ``device`` to class probabilities
     ``[B, num_classes, px, py, pz]`` (each method's ``predict``). ``image`` is a numpy ``[X, Y, Z]``
-    volume. Returns ``(label_map uint8 [X, Y, Z], score_map float32 [C, X, Y, Z])`` as numpy arrays.
+    volume. Returns ``(label_map uint8 [X, Y, Z], score_map float32 [C, X, Y, Z])`` as numpy arrays. A stop
+    signal that Python could not raise where it arrived is raised before the next batch of windows
+    (:func:`~utils.errors.raise_swallowed_stop`).
     """
     check_window(patch_size, stride_xy, stride_z)
     shape = image.shape
@@ -109,6 +111,7 @@ def sliding_window_inference(predict, image, patch_size, stride_xy, stride_z, nu
     count = torch.zeros(padded, dtype=torch.float32, device=device)
     px, py, pz = patch_size
     for first in range(0, len(corners), sw_batch_size):
+        raise_swallowed_stop()
         batch_corners = corners[first:first + sw_batch_size]
         batch = torch.stack([volume[x:x + px, y:y + py, z:z + pz] for x, y, z in batch_corners]).unsqueeze(1)
         probs = predict(batch).float()
