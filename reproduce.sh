@@ -165,21 +165,35 @@ step() {  # step COMMAND...: run one Python step in the background and wait, so 
     return "$status"
 }
 
-declare -A SCRIPT=([supervised]=train_supervised_3D.py [mt]=train_mt_3D.py [uamt]=train_uamt_3D.py
-                   [dtc]=train_dtc_3D.py [cps]=train_cps_3D.py [ugmcl]=train_ugmcl_3D.py
-                   [ucseg]=train_ucseg_3D.py [ugpl]=train_ugpl_3D.py)
-declare -A EXP=([supervised]=Supervised [mt]=MT [uamt]=UAMT [dtc]=DTC [cps]=CPS [ugmcl]=UGMCL [ucseg]=UCSeg
-                [ugpl]=UGPL)
-declare -A MODEL=([supervised]=vnet [mt]=vnet [uamt]=vnet [dtc]=vnet_sdf [cps]=vnet [ugmcl]=vnet_sdf
-                  [ucseg]=unet_3D_vnet [ugpl]=resnet_vnet)
-# each paper's schedule: its iterations, its lr step (step schedule; 0: its own schedule, scaled by the
-# script), and UC-Seg's first mixing iteration; the consistency ramps advance in epochs of 150 iterations
-declare -A ITERATIONS=([supervised]=6000 [mt]=6000 [uamt]=6000 [dtc]=6000 [cps]=6000 [ugmcl]=6000
-                       [ucseg]=50000 [ugpl]=6000)
-declare -A LR_STEP=([supervised]=2500 [mt]=2500 [uamt]=2500 [dtc]=2500 [cps]=2500 [ugmcl]=2500 [ucseg]=0
-                    [ugpl]=2500)
-RAMP_EPOCH=150
-UCSEG_MIX_START=6000
+CONTROL=_control  # METHOD_control: the method's matched control (--labelled_only 1), in the folder EXP_control
+
+# Each method's protocol, as its script code/train_<method>_3D.py says it (--print_protocol, read for all methods at
+# once by code/utils/protocols.py): the run folder's name, the network, the paper's iterations, whether it is
+# semi-supervised, has a matched control and --recompute, and its flags counted in iterations (lr step, ramp
+# epoch, UC-Seg's first mixing iteration), which the shorter protocols shrink in proportion. A copied script is
+# run like any other; one that cannot say its protocol stops the call here, before anything runs.
+declare -A EXP=() MODEL=() ITERATIONS=() SEMI=() CONTROLLABLE=() RECOMPUTE=() SCHEDULE=()
+read_protocols() {  # read_protocols: fill the arrays above for every method of METHODS; else exit 2
+    local names=() job method protocols exp model iterations semi controllable recompute schedule
+    for job in $METHODS; do
+        method=${job%"$CONTROL"}
+        [[ " ${names[*]} " == *" $method "* ]] || names+=("$method")
+    done
+    protocols=$("$PYTHON" code/utils/protocols.py "${names[@]}") || exit 2
+    while IFS=$'\t' read -r method exp model iterations semi controllable recompute schedule; do
+        EXP[$method]=$exp MODEL[$method]=$model ITERATIONS[$method]=$iterations SEMI[$method]=$semi
+        CONTROLLABLE[$method]=$controllable RECOMPUTE[$method]=$recompute SCHEDULE[$method]=$schedule
+    done <<< "$protocols"
+    for job in $METHODS; do
+        method=${job%"$CONTROL"}
+        if [ "$method" != "$job" ] && [ "${CONTROLLABLE[$method]}" != 1 ]; then
+            echo "error: METHODS names $job, but code/train_${method}_3D.py has no matched control" \
+                 "(--labelled_only)" >&2
+            exit 2
+        fi
+    done
+}
+read_protocols
 
 if [ -f "$DATA_ROOT/train.list" ]; then
     if [ "$QUICK" = 1 ]; then
@@ -282,17 +296,27 @@ scaled() {  # scaled VALUE FROM TO: VALUE x TO / FROM, rounded, at least 1 (a sc
     awk -v v="$1" -v from="$2" -v to="$3" 'BEGIN { s = v * to / from; if (s < 1) s = 1; print int(s + 0.5) }'
 }
 
-schedule_args() {  # schedule_args METHOD: iterations and the schedule flags of the protocol
+schedule_args() {  # schedule_args METHOD: iterations and the schedule flags of the protocol: the paper's, or
+    # each flag counted in iterations shrunk to QUICK_ITERATIONS in proportion (a whole number rounded, at least 1;
+    # a fraction, as the ramp's epoch, exactly)
     local method=$1 iterations=${ITERATIONS[$1]}
     if [ "$QUICK" != 1 ]; then
         echo "--max_iterations $iterations"
         return
     fi
-    local args="--max_iterations $QUICK_ITERATIONS"
-    [ "${LR_STEP[$method]}" != 0 ] && args+=" --lr_step $(scaled "${LR_STEP[$method]}" "$iterations" "$QUICK_ITERATIONS")"
-    [ "$method" != supervised ] && args+=" --iterations_per_epoch $(awk -v e="$RAMP_EPOCH" -v from="$iterations" \
-        -v to="$QUICK_ITERATIONS" 'BEGIN { print e * to / from }')"
-    [ "$method" = ucseg ] && args+=" --mix_start $(scaled "$UCSEG_MIX_START" "$iterations" "$QUICK_ITERATIONS")"
+    local args="--max_iterations $QUICK_ITERATIONS" flag value
+    # shellcheck disable=SC2086
+    set -- ${SCHEDULE[$method]}
+    while [ $# -ge 2 ]; do
+        flag=$1 value=$2
+        shift 2
+        if [[ "$value" == *.* ]]; then
+            value=$(awk -v v="$value" -v from="$iterations" -v to="$QUICK_ITERATIONS" 'BEGIN { print v * to / from }')
+        else
+            value=$(scaled "$value" "$iterations" "$QUICK_ITERATIONS")
+        fi
+        args+=" $flag $value"
+    done
     echo "$args"
 }
 
@@ -306,17 +330,11 @@ evaluated() {  # evaluated RUN [CHECKPOINT]: the folder of the run's own result 
     "$PYTHON" code/utils/own_result.py "$1" ${2:+--checkpoint "$2"} 2>/dev/null
 }
 
-CONTROL=_control  # METHOD_control: the method's matched control (--labelled_only 1), in the folder EXP_control
-
 run_one() {  # run_one METHOD LABELNUM SEED DRAW: train (or resume, or skip) and evaluate one run; DRAW is the
     # --label_seed of its labelled cases, or "first" for the first LABELNUM of the list
     local job=$1 labelnum=$2 seed=$3 draw=$4 method=${1%"$CONTROL"} control=
     [ "$method" != "$job" ] && control=$CONTROL
-    local script=${SCRIPT[$method]:-}
-    if [ -z "$script" ] || { [ -n "$control" ] && [ "$method" = supervised ]; }; then
-        echo "!! unknown method '$job' (known: ${!SCRIPT[*]}, and <method>$CONTROL for each but supervised)"
-        failed+=("$job"); return
-    fi
+    local script=train_${method}_3D.py
     local exp="${PROTOCOL}_seed${seed}/${EXP[$method]}$control" what="$job, $labelnum labels, seed $seed"
     local tag
     tag=$(job_name "$job $labelnum $seed $draw")
@@ -340,14 +358,14 @@ run_one() {  # run_one METHOD LABELNUM SEED DRAW: train (or resume, or skip) and
     if [ "$QUICK" = 1 ]; then  # the labelled-only runs: 2 labelled crops; the others QUICK_SEMI_BATCH
         local labelled unlabelled
         read -r labelled unlabelled <<< "$QUICK_SEMI_BATCH"
-        if [ "$method" = supervised ]; then
+        if [ "${SEMI[$method]}" = 0 ]; then
             args+=(--batch_size 2)
         else
             args+=(--batch_size $((labelled + unlabelled)) --labeled_bs "$labelled")
         fi
     fi
     # small crops fit in memory without recomputing activations (a runtime flag: the same weights, faster)
-    [ "$QUICK" = 1 ] && [[ " ucseg ugpl " == *" $method "* ]] && args+=(--recompute off)
+    [ "$QUICK" = 1 ] && [ "${RECOMPUTE[$method]}" = 1 ] && args+=(--recompute off)
     # shellcheck disable=SC2206
     args+=($EXTRA_ARGS)  # last, so that the caller's flags win
     if [ -f "$run/iter_${iterations}.pth" ]; then
@@ -484,7 +502,7 @@ for seed in $SEEDS; do
         for labelnum in $LABELNUMS; do
             for method in $METHODS; do
                 job_list+=("$method $labelnum $seed $draw")
-                if [ "$CONTROLS" = 1 ] && [ "$method" != supervised ] && [[ "$method" != *"$CONTROL" ]]; then
+                if [ "$CONTROLS" = 1 ] && [[ "$method" != *"$CONTROL" ]] && [ "${CONTROLLABLE[$method]}" = 1 ]; then
                     job_list+=("$method$CONTROL $labelnum $seed $draw")
                 fi
             done

@@ -39,7 +39,8 @@ from dataloaders.training_data import build_training_data  # noqa: E402
 from networks.memory_queue import ClassMemoryQueue  # noqa: E402
 from networks.net_factory_3d import net_factory_3d  # noqa: E402
 from networks.ucseg_fusion import UncertaintyGuidedFusion  # noqa: E402
-from utils.args import add_control_args, check_non_negative, crops_read, finalize_args, training_parser  # noqa: E402
+from utils.args import (add_control_args, add_schedule_flag, check_non_negative, crops_read,  # noqa: E402
+                        finalize_args, training_parser)
 from utils.cli import run_cli  # noqa: E402
 from utils.contrastive import masked_global_pool, prototype_queue_contrast, regional_info_nce  # noqa: E402
 from utils.errors import UserError  # noqa: E402
@@ -115,6 +116,7 @@ def get_parser():
                              "it as a Python float (no gradient), so the default is 0")
     method.add_argument("--mix_start", type=int, default=6000,
                         help="first iteration of the copy-paste branch (default: 6000; >= max_iterations: never)")
+    add_schedule_flag(parser, "mix_start")
     method.add_argument("--mix_fraction", type=float, default=2.0 / 3.0,
                         help="box edge as a fraction of the patch: int(96 x 2/3) = 64 (default: 2/3)")
     add_control_args(parser)

@@ -234,13 +234,14 @@ def finished(synthetic_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("finished")
     run_main("train_supervised_3D.py", "--root_path", synthetic_root, "--output_root", out, "--labelnum", "4",
              "--max_iterations", "2", "--save_interval", "1", *TINY, check=True)
-    return out / "LA" / "Supervised_4" / "vnet"
+    return out / "synthetic_LA" / "Supervised_4" / "vnet"
 
 
 @pytest.fixture
 def finished_copy(finished, tmp_path):
-    """A copy of the finished run at ``tmp_path/model/LA/Supervised_4/vnet`` (output root ``tmp_path/model``)."""
-    return shutil.copytree(finished, tmp_path / "model" / "LA" / "Supervised_4" / "vnet")
+    """A copy of the finished run at ``tmp_path/model/synthetic_LA/Supervised_4/vnet`` (output root
+    ``tmp_path/model``)."""
+    return shutil.copytree(finished, tmp_path / "model" / "synthetic_LA" / "Supervised_4" / "vnet")
 
 
 @pytest.fixture(scope="session")

@@ -152,7 +152,7 @@ def test_script_trains_evaluates_and_test_3d_reproduces(name, synthetic_root, tm
     out = tmp_path / "model"
     run_main(script, "--root_path", synthetic_root, "--output_root", out, "--labelnum", "4", "--labeled_bs", "1",
              "--max_iterations", "2", *flags, *TINY, cwd=tmp_path, device=device, check=True)
-    run = out / f"LA/{exp}_4" / model
+    run = out / f"synthetic_LA/{exp}_4" / model
     assert json.loads((run / "config.json").read_text())["script"] == script[:-3]
     log = (run / "log.txt").read_text()
     assert "iteration 2 : loss : " in log and "consistency_weight: " in log
@@ -186,10 +186,11 @@ def test_cps_killed_run_resumes_both_networks_and_optimisers(synthetic_root, tmp
               "--save_interval", "2", "--no_eval", "--n_filters", "4", *TINY]
     run_main("train_cps_3D.py", *common, "--output_root", tmp_path / "straight", device=device, check=True)
     killed = ["--output_root", tmp_path / "killed", *common]
-    latest = kill_after_first_save("train_cps_3D.py", killed, tmp_path / "killed/LA/CPS_4/vnet", device=device)
+    latest = kill_after_first_save("train_cps_3D.py", killed, tmp_path / "killed/synthetic_LA/CPS_4/vnet",
+                                   device=device)
     assert load_saved(latest)["iteration"] < 6
     run_main("train_cps_3D.py", *killed, "--resume", device=device, check=True)
-    straight = load_saved(tmp_path / "straight/LA/CPS_4/vnet/iter_6.pth")
+    straight = load_saved(tmp_path / "straight/synthetic_LA/CPS_4/vnet/iter_6.pth")
     resumed = load_saved(latest.parent / "iter_6.pth")
     assert set(straight["models"]) == {"model1", "model2"}
     assert_same_models(straight["models"], resumed["models"], device)

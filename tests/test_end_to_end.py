@@ -12,7 +12,7 @@ from dataloaders.la_heart import read_list
 TRAIN = "train_supervised_3D.py"
 
 
-def run_dir(output_root, labelnum, exp="LA/Supervised"):
+def run_dir(output_root, labelnum, exp="synthetic_LA/Supervised"):
     return output_root / f"{exp}_{labelnum}" / "vnet"
 
 
@@ -124,7 +124,7 @@ def check_step_flags(script, flags, synthetic_root, tmp_path, device):
     out = tmp_path / "model"
     run_main(script, "--root_path", synthetic_root, "--output_root", out, "--labelnum", "4", "--max_iterations", "2",
              *flags, *SCRIPT_FLAGS[script], *TINY, device=device, check=True)
-    run = next(out.glob("LA/*/*/config.json")).parent
+    run = next(out.glob("synthetic_LA/*/*/config.json")).parent
     config = json.loads((run / "config.json").read_text())
     assert all(config["args"][flag[2:]] is True for flag in flags)
     assert config["device"].startswith(device)
@@ -141,7 +141,7 @@ def test_real_la_small_patch(tmp_path):
     run_script(TRAIN, "--root_path", REAL_LA, "--output_root", out, "--labelnum", "4", "--max_iterations", "2",
                "--patch_size", "64", "64", "32", "--batch_size", "2", "--num_workers", "0", "--progress", "0",
                "--no_eval", cwd=tmp_path)
-    run = run_dir(out, 4)
+    run = run_dir(out, 4, exp="LA/Supervised")
     cases = read_list(REAL_LA / "test.list")[:2]
     run_script("test_3D.py", "--run", run, "--cases", *cases, "--stride_xy", "64", "--stride_z", "32",
                "--progress", "0", cwd=tmp_path)

@@ -21,7 +21,7 @@ TRAIN = "train_supervised_3D.py"
 
 
 def run_dir(output_root):
-    return output_root / "LA" / "Supervised_4" / "vnet"
+    return output_root / "synthetic_LA" / "Supervised_4" / "vnet"
 
 
 def common(root, output_root, *extra):
@@ -76,6 +76,7 @@ def test_a_stop_signal_saves_the_iteration_prints_the_resume_command_and_exits_w
     assert f"stopped by {signal.Signals(signum).name} after iteration {stopped}; latest.pth is saved" in err
     command = shlex.split(err.strip().splitlines()[-1])
     assert command[0] == "python" and Path(command[1]).name == TRAIN and command[-1] == "--resume"
+    assert err.strip().splitlines()[-1] in (run / "log.txt").read_text()  # the log says how to go on, too
     run_main(TRAIN, *command[2:], cwd=REPO_ROOT, check=True)  # the command as printed (in this interpreter)
     assert_same_models(weights(run / "iter_12.pth"), straight)
 
@@ -279,7 +280,7 @@ def test_a_missing_checkpoint_is_reported_in_the_run_folder(finished):
 def test_a_window_the_networks_cannot_take_fails_before_the_first_case(synthetic_root, tmp_path):
     run_main("train_ucseg_3D.py", "--root_path", synthetic_root, "--output_root", tmp_path, "--labelnum", "4",
              "--max_iterations", "1", "--no_eval", *TINY, "--labeled_bs", "1", check=True)
-    run = tmp_path / "LA" / "UCSeg_4" / "unet_3D_vnet"
+    run = tmp_path / "synthetic_LA" / "UCSeg_4" / "unet_3D_vnet"
     proc = run_main("test_3D.py", "--run", run, "--patch_size", "48", "48", "16", "--stride_xy", "16")
     assert_one_line_error(proc, "48x48x16", "32x32x16")
     assert not any(p.name.startswith(("eval_", ".partial")) for p in run.iterdir())
@@ -317,7 +318,7 @@ def test_data_that_looks_wrong_is_named_once(dataset_copy, tmp_path):
 
     proc = run_main("train_mt_3D.py", "--root_path", dataset_copy, "--output_root", tmp_path, "--labelnum", "4",
                     "--max_iterations", "1", *TINY, "--labeled_bs", "1", check=True)
-    log = (tmp_path / "LA" / "MT_4" / "vnet" / "log.txt").read_text()
+    log = (tmp_path / "synthetic_LA" / "MT_4" / "vnet" / "log.txt").read_text()
     for text in ("1 of 8 cases of train.list do not look z-scored", train_ids[5],
                  "1 of the 4 labelled cases have an empty label", train_ids[1],
                  "1 of the 2 evaluated cases have an empty ground truth", test_ids[0]):
@@ -325,7 +326,7 @@ def test_data_that_looks_wrong_is_named_once(dataset_copy, tmp_path):
     assert log.count("do not look z-scored") == 1 and log.count("empty label") == 1
     assert f"cases with an empty ground truth ({test_ids[0]})" in log  # in the test line too
 
-    run = tmp_path / "LA" / "MT_4" / "vnet"
+    run = tmp_path / "synthetic_LA" / "MT_4" / "vnet"
     proc = run_main("test_3D.py", "--run", run, "--progress", "0", check=True)
     assert f"1 cases with an empty ground truth ({test_ids[0]})" in proc.stdout
     assert "empty ground truth" in proc.stderr  # warned before the evaluation as well

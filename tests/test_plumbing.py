@@ -245,17 +245,25 @@ def test_partial_evaluations_killed_before_their_lock_are_cleaned_up(tmp_path):
                                     "train_cps_3D", "train_ugmcl_3D", "train_ucseg_3D", "train_ugpl_3D", "test_3D",
                                     "test_released", "gpu_check", "benchmark"])
 def test_help_shows_every_default(script):
-    """Every flag that has a default says it in --help (UC-Seg's 50000 iterations, per-dataset patches); switches
-    and flags without default (used only when given) need none."""
+    """Every flag that has a default says it in --help (UC-Seg's 50000 iterations, per-dataset patches), and a
+    number it gives as the default is the one the script parses (UC-Seg's --nms 1, not a text's 0); switches and
+    flags without default (used only when given) need none."""
     import argparse
     import importlib
+    import re
 
     parser = importlib.import_module(script).get_parser()
     formatter = parser._get_formatter()
     for action in parser._actions:
-        if isinstance(action, (argparse._StoreTrueAction, argparse._HelpAction)) or action.default is None:
+        if (isinstance(action, (argparse._StoreTrueAction, argparse._HelpAction))
+                or action.default in (None, argparse.SUPPRESS)):
             continue
-        assert "default" in formatter._get_help_string(action), (script, action.option_strings)
+        text = formatter._expand_help(action)
+        assert "default" in text, (script, action.option_strings)
+        said = re.search(r"default: (-?[0-9][0-9.e+-]*)(?=[ ,;)]|$)", text)
+        default = parser.get_default(action.dest)
+        if said and isinstance(default, (int, float)):
+            assert float(said.group(1)) == default, (script, action.option_strings, text)
     ucseg_help = " ".join(importlib.import_module("train_ucseg_3D").get_parser().format_help().split())
     assert "--max_iterations MAX_ITERATIONS default: 50000" in ucseg_help
 
@@ -291,3 +299,38 @@ def test_a_stop_python_cannot_raise_where_it_arrives_is_kept_and_raised_at_the_n
     raise_swallowed_stop()  # raised once only
     assert exit_status(lambda argv: swallow_a_stop(), []) == 128 + 15
     assert "stopped by SIGTERM" in capsys.readouterr().err
+
+
+def test_a_signal_note_without_a_file_descriptor_and_progress_bars_into_files(monkeypatch):
+    """The stop handler's note never fails (pytest's captured stderr has no descriptor: the stop must go through);
+    a progress bar updates as tqdm does on a terminal, once a minute into a file or a pipe."""
+    import io
+
+    from utils.cli import bar_interval
+    from utils.run import signal_note
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    signal_note("SIGINT: stopping\n")
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert (bar_interval(Terminal()), bar_interval(io.StringIO()), bar_interval(object())) == (0.1, 60.0, 60.0)
+
+
+def test_a_long_cpu_run_says_how_long_it_will_take_and_what_to_run_instead(synthetic_root, tmp_path, monkeypatch):
+    from conftest import run_main
+    from utils import run
+
+    monkeypatch.setattr(run, "CPU_NOTE_HOURS", 0.0)
+    proc = run_main("train_supervised_3D.py", "--root_path", synthetic_root, "--output_root", tmp_path, "--labelnum",
+                    "4", "--max_iterations", "3", "--patch_size", "32", "32", "16", "--n_filters", "4", "--no_eval",
+                    "--progress", "0", "--num_workers", "0", check=True)
+    notes = [line for line in proc.stdout.splitlines() if "s per iteration on this CPU" in line]
+    assert len(notes) == 1 and "for the 1 iterations left" in notes[0] and "QUICK=1 bash reproduce.sh" in notes[0]
+    monkeypatch.setattr(run, "CPU_NOTE_HOURS", 3.0)
+    proc = run_main("train_supervised_3D.py", "--root_path", synthetic_root, "--output_root", tmp_path / "short",
+                    "--labelnum", "4", "--max_iterations", "3", "--patch_size", "32", "32", "16", "--n_filters", "4",
+                    "--no_eval", "--progress", "0", "--num_workers", "0", check=True)
+    assert "per iteration on this CPU" not in proc.stdout

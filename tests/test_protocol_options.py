@@ -84,7 +84,7 @@ def supervised_args(synthetic_root, output_root, *flags):
 def supervised_run(synthetic_root, output_root, *flags):
     """The folder of the run of :func:`supervised_args`, trained."""
     run_main("train_supervised_3D.py", *supervised_args(synthetic_root, output_root, *flags), check=True)
-    return output_root / "LA" / "Supervised_3" / "vnet"
+    return output_root / "synthetic_LA" / "Supervised_3" / "vnet"
 
 
 def validation_lines(run):
@@ -122,7 +122,8 @@ def test_the_best_validated_weights_are_kept_and_evaluated_beside_the_final_ones
 def test_a_killed_run_keeps_the_same_best_validated_weights(synthetic_root, validated, tmp_path):
     straight = validated
     args = supervised_args(synthetic_root, tmp_path / "killed", "--save_interval", "3", "--no_eval")
-    latest = kill_after_first_save("train_supervised_3D.py", args, tmp_path / "killed" / "LA" / "Supervised_3" / "vnet")
+    latest = kill_after_first_save("train_supervised_3D.py", args,
+                                   tmp_path / "killed" / "synthetic_LA" / "Supervised_3" / "vnet")
     assert load_saved(latest)["iteration"] < 6, "the run finished before it could be killed"
     run_main("train_supervised_3D.py", *args, "--resume", check=True)
     expected, actual = load_saved(straight / "best_val.pth"), load_saved(latest.parent / "best_val.pth")

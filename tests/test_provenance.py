@@ -108,9 +108,9 @@ def test_the_table_shows_the_runs_own_number_whatever_else_its_folder_holds(fini
     assert not any(f"| {value} " in text for value in ("11.00", "12.00", "13.00", "14.00", "15.00", "16.00"))
     for name in ("eval_iter_2_2", "eval_iter_2_3", "eval_iter_2_4", "eval_iter_2_5", "eval_iter_2_6",
                  "eval_iter_2_7", "eval_iter_2_9"):
-        assert f"`LA/Supervised_4/vnet/{name}`: not in the table (" in text
-    assert "`LA/Supervised_4/vnet/eval_iter_2_8`: not in the table (another evaluation of the run's own weights; " \
-           "the table uses eval_iter_2_99)" in text
+        assert f"`synthetic_LA/Supervised_4/vnet/{name}`: not in the table (" in text
+    assert ("`synthetic_LA/Supervised_4/vnet/eval_iter_2_8`: not in the table (another evaluation of the run's own "
+            "weights; the table uses eval_iter_2_99)") in text
 
     proc = run_script("utils/own_result.py", run)
     assert proc.stdout.strip() == str(run / "eval_iter_2_99")
@@ -129,3 +129,68 @@ def test_test_3d_says_where_its_evaluation_stands(finished_copy):
         shutil.rmtree(folder)
     proc = run_main("test_3D.py", "--run", finished_copy, check=True)
     assert "the run's result in tables (eval_iter_2)" in proc.stdout
+
+
+def test_a_run_is_tagged_by_the_data_it_read_never_beside_published_numbers(finished, synthetic_root, tmp_path):
+    """A run on synthetic.py's data goes to synthetic_LA/ by default and records its data; given --exp LA/... it is
+    still tabled as synthetic_LA, without published numbers; summarize.py without --out writes beside the runs."""
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+    from dataloaders.data_tag import data_tag
+
+    config = json.loads((finished / "config.json").read_text(encoding="utf-8"))
+    assert finished.parent.parent.name == "synthetic_LA"
+    assert config["data"]["kind"] == "synthetic" and config["data"]["tag"] == "synthetic_LA"
+    assert set(config["data"]["lists_sha256"]) == {"train.list", "test.list"}
+    copy = finished / "train_supervised_3D.py"
+    assert copy.read_bytes() == (REPO_ROOT / "code" / "train_supervised_3D.py").read_bytes()
+    assert config["script_copy"] == {"file": copy.name, "sha256": file_sha256(copy)}
+    model = tmp_path / "model"
+    shutil.copytree(finished, model / "LA" / "Supervised_4" / "vnet")
+    config["args"]["exp"] = "LA/Supervised"
+    (model / "LA" / "Supervised_4" / "vnet" / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    committed = (REPO_ROOT / "docs" / "results.md").read_bytes()
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "code" / "report" / "summarize.py"), "--model_dir",
+                           str(model)], capture_output=True, encoding="utf-8", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    table = (model / "results.md").read_text(encoding="utf-8")
+    assert "| synthetic_LA | Supervised V-Net | 4 |" in table and "| LA |" not in table
+    assert "not comparable (data tag synthetic_LA, not the LA data)" in table
+    assert (REPO_ROOT / "docs" / "results.md").read_bytes() == committed
+
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "resample.json").write_text(json.dumps({"scale": [0.5, 0.5, 0.5]}))
+    assert (data_tag("LA", half), data_tag("LA", tmp_path), data_tag("Pancreas", synthetic_root)) == (
+        "LA_half", "LA", "synthetic_Pancreas")
+
+
+def test_a_run_records_every_changed_file_under_code_and_the_untracked_ones_in_its_diff(tmp_path, monkeypatch):
+    """A copied method script that git does not track is named with its hash, and its content is in git.diff, so
+    the run folder is enough to restore the code that trained; an edit of a tracked file too."""
+    import subprocess
+
+    from utils import provenance
+
+    repo = tmp_path / "repo"
+    (repo / "code").mkdir(parents=True)
+    (repo / "code" / "train_mt_3D.py").write_text("idea = 1\n")
+    (repo / ".gitignore").write_text("__pycache__/\n")
+    for command in (["init", "-q"], ["add", "."], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
+        subprocess.run(["git", "-C", str(repo), *command], check=True, capture_output=True)
+    monkeypatch.setattr(provenance, "REPO_ROOT", repo)
+    clean = provenance.code_record(tmp_path)
+    assert clean["dirty"] is False and clean["changed_files"] == {} and len(clean["commit"]) == 40
+    (repo / "code" / "train_mymt_3D.py").write_text("idea = 2\n")
+    (repo / "code" / "__pycache__").mkdir()
+    (repo / "code" / "__pycache__" / "x.pyc").write_bytes(b"\0")
+    record = provenance.code_record(tmp_path)
+    copy = repo / "code" / "train_mymt_3D.py"
+    assert record["dirty"] is True and record["changed_files"] == {"code/train_mymt_3D.py": file_sha256(copy)}
+    assert "+idea = 2" in (tmp_path / "git.diff").read_text()
+    (repo / "code" / "train_mt_3D.py").write_text("idea = 3\n")
+    assert set(provenance.code_record(tmp_path)["changed_files"]) == {"code/train_mt_3D.py", "code/train_mymt_3D.py"}
+    monkeypatch.setattr(provenance, "REPO_ROOT", tmp_path / "not_a_checkout")
+    assert provenance.code_record(tmp_path) == {"commit": None, "dirty": None}

@@ -27,12 +27,16 @@ def readme_commands():
 
 
 def python_commands():
-    """``(module, argv)`` of every ``python code/<path>.py ...`` command of the README."""
-    found = []
+    """``(module, argv)`` of every ``python code/<path>.py ...`` command of the README; a script the README makes
+    with ``cp code/<a>.py code/<b>.py`` ("Try an idea") is parsed as the script it copies."""
+    found, copies = [], {}
     for command in readme_commands():
         words = shlex.split(command)
+        if len(words) == 3 and words[0] == "cp" and all(w.startswith("code/") for w in words[1:]):
+            copies[words[2]] = words[1]
         if len(words) > 1 and words[0] == "python" and words[1].startswith("code/") and words[1].endswith(".py"):
-            found.append((words[1][len("code/"):-len(".py")].replace("/", "."), words[2:]))
+            script = copies.get(words[1], words[1])
+            found.append((script[len("code/"):-len(".py")].replace("/", "."), words[2:]))
     return found
 
 
@@ -48,7 +52,8 @@ def test_the_readme_has_the_commands_we_test():
 
 @pytest.mark.parametrize("module, argv", python_commands(), ids=lambda value: value if isinstance(value, str) else "")
 def test_every_python_command_parses(module, argv, monkeypatch):
-    """The flags of every command exist, with values of the right type (a renamed or removed flag fails here)."""
+    """The flags of every command exist, with values of the right type (a renamed or removed flag fails here); a
+    flag that answers and exits (``--print_protocol``) exits with status 0."""
     original = cli.ArgumentParser.parse_args
 
     def parse_and_stop(self, args=None, namespace=None):
@@ -56,8 +61,9 @@ def test_every_python_command_parses(module, argv, monkeypatch):
         raise _Parsed
 
     monkeypatch.setattr(cli.ArgumentParser, "parse_args", parse_and_stop)
-    with pytest.raises(_Parsed):
+    with pytest.raises((_Parsed, SystemExit)) as stopped:
         __import__(module, fromlist=["main"]).main(argv)
+    assert stopped.type is _Parsed or stopped.value.code == 0
 
 
 def run_readme_command(argv, replacements, extra=()):
@@ -81,5 +87,5 @@ def test_the_commands_without_real_data_run_as_written(tmp_path):
     run_readme_command(writer[0], replacements)
     for argv in training:
         run_readme_command(argv, replacements, [*TINY_RUN, "--output_root", str(tmp_path / "model")])
-    summaries = list((tmp_path / "model").glob("*/*/*/eval_iter_2/summary.json"))
+    summaries = list((tmp_path / "model").glob("synthetic_LA/*/*/eval_iter_2/summary.json"))  # its data, not LA
     assert len(summaries) == len(training)

@@ -19,7 +19,7 @@ def reproduce(tmp_path, **env):
     under tmp_path."""
     settings = {"DATA_ROOT": str(tmp_path / "no_data"), "SYNTHETIC_ROOT": str(tmp_path / "synthetic"),
                 "SYNTHETIC_SHAPE": "48 48 32", "QUICK_PATCH": "32 32 16", "QUICK_ITERATIONS": "2", "QUICK_WIDTH": "4",
-                "OUTPUT_ROOT": str(tmp_path / "runs"), "DEVICE": "cpu", **env}
+                "OUTPUT_ROOT": str(tmp_path / "runs"), "DEVICE": "cpu", "PYTHON": sys.executable, **env}
     return subprocess.run(["bash", str(REPO_ROOT / "reproduce.sh")], cwd=tmp_path, capture_output=True,
                           encoding="utf-8", errors="replace", env={**os.environ, **settings}, timeout=1200)
 
@@ -180,7 +180,7 @@ def quick_la(tmp_path, **env):
         (tmp_path / folder / "train.list").write_text("".join(f"case{i}\n" for i in range(10)))
     (tmp_path / "LA_half" / "resample.json").write_text("{}")
     settings = {"DATA_ROOT": str(tmp_path / "LA"), "HALF_ROOT": str(tmp_path / "LA_half"), "QUICK": "1",
-                "DEVICE": "cpu", **env}
+                "DEVICE": "cpu", "PYTHON": sys.executable, **env}
     return subprocess.run(["bash", str(REPO_ROOT / "reproduce.sh")], cwd=tmp_path, capture_output=True,
                           encoding="utf-8", errors="replace", env={**os.environ, **settings}, timeout=300)
 
@@ -202,13 +202,17 @@ def test_the_cpu_protocol_runs_every_method_with_its_control_for_three_seeds(tmp
 
 def test_another_output_root_keeps_the_committed_table_and_a_control_needs_a_method(tmp_path):
     """With its own OUTPUT_ROOT, a QUICK=1 call writes its table beside its runs, not over docs/results_quick.md;
-    the labelled-only V-Net has no control."""
+    the labelled-only V-Net has no control, which stops the call in one line before anything runs."""
+    proc = quick_la(tmp_path, OUTPUT_ROOT=str(tmp_path / "probe"), METHODS="mt", PRINT_JOBS="1")
+    assert proc.returncode == 0 and "mt_control" in proc.stdout
     proc = quick_la(tmp_path, OUTPUT_ROOT=str(tmp_path / "probe"), METHODS="supervised_control", PLOTS="0")
-    assert proc.returncode == 1
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == ["error: METHODS names supervised_control, but code/train_supervised_3D.py "
+                                        "has no matched control (--labelled_only)"]
+    proc = quick_la(tmp_path, OUTPUT_ROOT=str(tmp_path / "probe"), METHODS="mt", CONTROLS="0", PLOTS="0")
+    assert proc.returncode == 1  # the stand-in LA holds no volumes: the run fails, the call goes on to the table
     assert f"2 at a time; table {tmp_path / 'probe' / 'results.md'}\n" in proc.stdout
     assert "results_quick.md" not in proc.stdout
-    log = tmp_path / "probe" / "logs" / "supervised_control_4_seed1337.log"
-    assert "unknown method 'supervised_control'" in log.read_text(encoding="utf-8")
 
 
 def test_the_upper_bound_counts_a_windows_edited_list_as_the_scripts_read_it(tmp_path):
@@ -254,3 +258,71 @@ def test_unknown_arguments_and_misspelled_settings_stop_before_anything_runs(tmp
     assert proc.returncode == 2 and proc.stdout == ""
     assert len(proc.stderr.splitlines()) == 1 and message in proc.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / "no_data").exists()
+
+
+def copy_of_the_project(tmp_path):
+    """The scripts (code/ and reproduce.sh) copied to tmp_path, so that a test may add a method script."""
+    root = tmp_path / "project"
+    shutil.copytree(REPO_ROOT / "code", root / "code", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO_ROOT / "reproduce.sh", root)
+    return root
+
+
+def test_a_copied_method_script_runs_through_reproduce_sh_with_its_control_and_reaches_the_table(tmp_path):
+    """README "Try an idea": copy a script, give its runs a name, change the idea; reproduce.sh reads its protocol
+    from it (no array to edit), shrinks its schedule like mt's, trains it and its control, and the table shows it
+    with its gain over its own control; paired.py compares it with the method it changes."""
+    root = copy_of_the_project(tmp_path)
+    script = (root / "code" / "train_mt_3D.py").read_text(encoding="utf-8")
+    assert 'exp="MT"' in script and "consistency=0.1," in script
+    (root / "code" / "train_mymt_3D.py").write_text(
+        script.replace('exp="MT"', 'exp="MyMT"').replace("consistency=0.1,", "consistency=1.0,"), encoding="utf-8")
+    protocol = subprocess.run([sys.executable, str(root / "code" / "train_mymt_3D.py"), "--print_protocol"],
+                              capture_output=True, encoding="utf-8", timeout=120)
+    assert protocol.returncode == 0 and protocol.stdout.splitlines()[:2] == ["exp MyMT", "model vnet"]
+    settings = {"DATA_ROOT": str(tmp_path / "no_data"), "SYNTHETIC_ROOT": str(tmp_path / "synthetic"),
+                "SYNTHETIC_SHAPE": "48 48 32", "QUICK_PATCH": "32 32 16", "QUICK_ITERATIONS": "2", "QUICK_WIDTH": "4",
+                "OUTPUT_ROOT": str(tmp_path / "runs"), "DEVICE": "cpu", "PLOTS": "0", "UPPER_BOUND": "0",
+                "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(root / "reproduce.sh")], cwd=tmp_path, capture_output=True, encoding="utf-8",
+                          errors="replace", timeout=1200,
+                          env={**os.environ, **settings, "METHODS": "supervised mt mymt mymt_control"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    runs = tmp_path / "runs" / "quickstart_synthetic_seed1337"
+    mt, mymt = (json.loads((runs / f"{exp}_4" / "vnet" / "config.json").read_text(encoding="utf-8"))["args"]
+                for exp in ("MT", "MyMT"))
+    assert {key: value for key, value in mymt.items() if mt[key] != value} == {
+        "exp": "quickstart_synthetic_seed1337/MyMT", "consistency": 1.0}
+    assert mt["iterations_per_epoch"] == 0.05 and mt["lr_step"] == 1  # 150 and 2500 of 6000, shrunk to 2
+    assert (runs / "MyMT_4" / "vnet" / "train_mymt_3D.py").read_text(encoding="utf-8") == (
+        root / "code" / "train_mymt_3D.py").read_text(encoding="utf-8")
+    table = (tmp_path / "runs" / "results.md").read_text(encoding="utf-8")
+    assert "| train_mymt_3D | 4 |" in table and "| train_mymt_3D: own control | 4 |" in table
+    paired = table[table.index("## Paired comparison"):]
+    paired_row = next(line for line in paired.splitlines() if line.startswith("| quickstart_synthetic | train_mymt"))
+    assert paired_row.split("|")[-2].strip() not in ("", "–")  # the gain over its own control
+    compared = subprocess.run([sys.executable, str(root / "code" / "report" / "paired.py"),
+                               str(runs / "MT_4" / "vnet" / "eval_iter_2"),
+                               str(runs / "MyMT_4" / "vnet" / "eval_iter_2")],
+                              capture_output=True, encoding="utf-8", timeout=120)
+    assert compared.returncode == 0 and "Wilcoxon p" in compared.stdout
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda text: text, "methods mt and mymt both name their runs MT"),
+    (lambda text: text.replace("def get_parser():", "def get_parser(:"), "code/train_mymt_3D.py cannot say its "
+                                                                          "protocol: SyntaxError"),
+    (lambda text: text.replace("def get_parser():", "def the_parser():"), "code/train_mymt_3D.py cannot say its "
+                                                                          "protocol: AttributeError"),
+])
+def test_a_copied_script_that_cannot_say_its_protocol_stops_reproduce_sh_before_anything_runs(tmp_path, change,
+                                                                                              message):
+    root = copy_of_the_project(tmp_path)
+    (root / "code" / "train_mymt_3D.py").write_text(change((root / "code" / "train_mt_3D.py").read_text()))
+    settings = {"DATA_ROOT": str(tmp_path / "no_data"), "PYTHON": sys.executable, "METHODS": "mt mymt",
+                "SYNTHETIC_ROOT": str(tmp_path / "synthetic"), "OUTPUT_ROOT": str(tmp_path / "runs")}
+    proc = subprocess.run(["bash", str(root / "reproduce.sh")], cwd=tmp_path, capture_output=True, encoding="utf-8",
+                          timeout=300, env={**os.environ, **settings})
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert len(proc.stderr.splitlines()) == 1 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "synthetic").exists() and not (tmp_path / "runs").exists()

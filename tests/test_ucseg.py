@@ -23,7 +23,7 @@ from utils.mixing import box_size, copy_paste, copy_paste_mask
 
 SCRIPT = "train_ucseg_3D.py"
 SHAPE = (32, 32, 16)
-RUN = "LA/UCSeg_4/unet_3D_vnet"
+RUN = "synthetic_LA/UCSeg_4/unet_3D_vnet"
 
 
 def method_args(*flags):

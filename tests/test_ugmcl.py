@@ -157,7 +157,7 @@ def test_script_trains_evaluates_and_test_3d_reproduces(synthetic_root, tmp_path
     out = tmp_path / "model"
     run_main(SCRIPT, "--root_path", synthetic_root, "--output_root", out, "--labelnum", "4", "--labeled_bs", "1",
              "--max_iterations", "3", "--mc_samples", "2", *TINY, cwd=tmp_path, device=device, check=True)
-    run = out / "LA/UGMCL_4" / "vnet_sdf"
+    run = out / "synthetic_LA/UGMCL_4" / "vnet_sdf"
     config = json.loads((run / "config.json").read_text())
     assert config["script"] == "train_ugmcl_3D" and config["args"]["beta"] == 0.75
     log = (run / "log.txt").read_text()
@@ -177,10 +177,10 @@ def test_killed_run_resumes_to_the_same_student_and_teacher(synthetic_root, tmp_
               "--save_interval", "2", "--mc_samples", "2", "--no_eval", "--n_filters", "4", *TINY]
     run_main(SCRIPT, *common, "--output_root", tmp_path / "straight", device=device, check=True)
     killed = ["--output_root", tmp_path / "killed", *common]
-    latest = kill_after_first_save(SCRIPT, killed, tmp_path / "killed/LA/UGMCL_4/vnet_sdf", device=device)
+    latest = kill_after_first_save(SCRIPT, killed, tmp_path / "killed/synthetic_LA/UGMCL_4/vnet_sdf", device=device)
     assert load_saved(latest)["iteration"] < 6
     run_main(SCRIPT, *killed, "--resume", device=device, check=True)
-    straight = load_saved(tmp_path / "straight/LA/UGMCL_4/vnet_sdf/iter_6.pth")["models"]
+    straight = load_saved(tmp_path / "straight/synthetic_LA/UGMCL_4/vnet_sdf/iter_6.pth")["models"]
     resumed = load_saved(latest.parent / "iter_6.pth")["models"]
     assert set(straight) == {"model", "ema_model"}
     assert_same_models(straight, resumed, device)

@@ -188,7 +188,7 @@ def train(synthetic_root, out, *flags, device="cpu"):
     """Two iterations of the script on the tiny synthetic data, on ``device``; the run directory."""
     run_main(SCRIPT, "--root_path", synthetic_root, "--output_root", out, "--labelnum", "4",
              "--labeled_bs", "1", "--max_iterations", "2", *TINY, *flags, cwd=out.parent, device=device, check=True)
-    return out / "LA/UGPL_4/resnet_vnet"
+    return out / "synthetic_LA/UGPL_4/resnet_vnet"
 
 
 def test_script_trains_evaluates_and_test_3d_reproduces(synthetic_root, tmp_path, device):
@@ -240,10 +240,11 @@ def test_killed_run_resumes_to_the_same_weights(synthetic_root, tmp_path, device
               "--save_interval", "1", "--no_eval", "--n_filters", "4", *TINY]
     run_main(SCRIPT, *common, "--output_root", tmp_path / "straight", device=device, check=True)
     killed = ["--output_root", tmp_path / "killed", *common]
-    latest = kill_after_first_save(SCRIPT, killed, tmp_path / "killed" / "LA/UGPL_4/resnet_vnet", device=device)
+    latest = kill_after_first_save(SCRIPT, killed, tmp_path / "killed" / "synthetic_LA/UGPL_4/resnet_vnet",
+                                   device=device)
     assert load_saved(latest)["iteration"] < 4, "the run finished before it could be killed"
     run_main(SCRIPT, *killed, "--resume", device=device, check=True)
-    straight = load_saved(tmp_path / "straight/LA/UGPL_4/resnet_vnet/iter_4.pth")["models"]
+    straight = load_saved(tmp_path / "straight/synthetic_LA/UGPL_4/resnet_vnet/iter_4.pth")["models"]
     resumed = load_saved(latest.parent / "iter_4.pth")["models"]
     assert set(straight) == {"subnet_a", "subnet_b"}
     assert_same_models(straight, resumed, device)

@@ -18,6 +18,7 @@ Usage::
     python code/dataloaders/synthetic.py --out data/synthetic_LA --num_cases 20 --num_test 4 \\
         --shape 96 96 48 --size_jitter 0.15 --seed 0 [--overwrite]
 """
+import json
 import sys
 from pathlib import Path
 
@@ -31,8 +32,10 @@ import torch.nn.functional as F
 from scipy import ndimage
 from tqdm import tqdm
 
+from dataloaders.data_tag import SYNTHETIC_RECORD
 from dataloaders.h5io import write_case
 from dataloaders.la_heart import SPLIT_FILES, case_path, write_list
+from utils.atomic import write_atomically
 from utils.cli import REPO_ROOT, ArgumentParser, run_cli
 from utils.errors import UserError
 from utils.metrics import largest_connected_component
@@ -230,7 +233,8 @@ def make_case(rng, shape):
 
 def make_synthetic_dataset(out_dir, num_cases=20, num_test=4, shape=(96, 96, 48), size_jitter=0.15,
                            seed=0, overwrite=False):
-    """Write ``num_cases`` synthetic cases and ``train.list`` / ``test.list`` (the last ``num_test``
+    """Write ``num_cases`` synthetic cases, ``synthetic.json`` (these settings: the data's tag is then
+    ``synthetic_LA``, ``dataloaders.data_tag``) and ``train.list`` / ``test.list`` (the last ``num_test``
     ids) under ``out_dir`` in the LA layout; return the folder. Refuses an existing non-empty
     folder unless ``overwrite``, which replaces only the files written here."""
     shape = tuple(int(size) for size in shape)
@@ -246,6 +250,10 @@ def make_synthetic_dataset(out_dir, num_cases=20, num_test=4, shape=(96, 96, 48)
         write_case(case_path(out_dir, case_id), image, label)
         shapes.append(image.shape)
         fractions.append(label.mean())
+    record = {"writer": "code/dataloaders/synthetic.py", "num_cases": num_cases, "num_test": num_test,
+              "shape": list(shape), "size_jitter": size_jitter, "seed": seed}
+    write_atomically(out_dir / SYNTHETIC_RECORD,
+                     lambda handle: handle.write((json.dumps(record, indent=2) + "\n").encode("utf-8")))
     write_list(split_paths["train"], ids[:-num_test])
     write_list(split_paths["test"], ids[-num_test:])
     print(summary(out_dir, num_cases - num_test, num_test, shapes, fractions))

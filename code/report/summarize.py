@@ -1,6 +1,6 @@
 """Collect every run under a model folder into one markdown results table, next to the published numbers.
 
-    python code/report/summarize.py --model_dir model --out docs/results.md [--title "..."] [--note "..."]
+    python code/report/summarize.py --model_dir model [--out model/results.md] [--title "..."] [--note "..."]
     python code/report/summarize.py --model_dir model/reproduce/LA_half_quick --run_files results/LA_half_quick \
         --out docs/results_quick.md     # keep the files that define the table, and make it from them
     python code/report/summarize.py --model_dir results/LA_half_quick   # the committed table again, no training
@@ -22,7 +22,8 @@ every seed (``report.paired``).
 
 Published numbers are the ones quoted, with their sources, in ``docs/methods/*.md`` (:data:`PUBLISHED`); they
 are shown only for rows whose data tag is the dataset's name (``LA``, as ``reproduce.sh`` tags runs on the real
-data), never next to the synthetic quick start or a resampled copy.
+data), never next to the synthetic quick start or a resampled copy: a run that recorded its data
+(``dataloaders.data_tag``) is tagged by what it read, whatever its ``--exp`` says.
 Relative paths are taken as the project's scripts do: ``--model_dir`` from the working directory when it exists
 there, else from the repository root; ``--out`` always from the repository root.
 """
@@ -54,6 +55,7 @@ EVALUATION_FILES = ("summary.json", "metrics.csv", "git.diff")  # what run files
 # the code's uncommitted edits, when there were any)
 TABLE_FILE = "table.json"  # title, note and output file of the table a folder of run files defines
 UPPER_BOUND = "V-Net (all labels)"
+MIN_BAND = 1.0  # points of Dice: a narrower band gets no "share of the band" (band_share)
 METRIC_COLUMNS = (("dice", "Dice (%)", 100), ("jaccard", "Jaccard (%)", 100), ("hd95", "95HD", 1),
                   ("asd", "ASD", 1))
 
@@ -256,6 +258,16 @@ def experiment_names(args):
     return tag, tail
 
 
+def data_tag_of(config, tag, variant):
+    """``(tag, variant)`` with the tag that the data the run read gives (``config.json``'s ``data``, recorded since
+    runs record it) where ``--exp`` named the dataset itself: a run on synthetic or resampled data given
+    ``--exp LA/...`` is not filed as LA (``dataloaders.data_tag``)."""
+    data = config.get("data")
+    if isinstance(data, dict) and data.get("kind") != "as given" and tag == config["args"]["dataset"]:
+        tag = data.get("tag") or f"{tag}_{data.get('kind')}"
+    return tag, variant
+
+
 def read_run(run_dir, model_dir):
     """The :class:`Run` of ``run_dir`` with its evaluation chosen; raises ``ValueError`` on a configuration
     that cannot be read."""
@@ -264,7 +276,7 @@ def read_run(run_dir, model_dir):
     for key in ("exp", "seed", "labelnum", "max_iterations", "dataset", "model", "nms"):
         if key not in args:
             raise ValueError(f"no args.{key}")
-    tag, variant = experiment_names(args)
+    tag, variant = data_tag_of(config, *experiment_names(args))
     run = Run(run_dir, str(run_dir.relative_to(model_dir)), config["script"], args, tag, variant,
               listed_cases=config.get("listed_training_cases"))
     final = own_evaluation(run_dir, args)
@@ -344,8 +356,10 @@ def protocol_key(run):
 
 
 def method_of(run):
-    """The :class:`Method` of the run's script (an unknown script is named after itself)."""
-    return METHODS.get(run.script, Method(run.script, run.script, run.variant, run.args["model"]))
+    """The :class:`Method` of the run's script; a script of no paper (a copy trying an idea) is named after
+    itself, with the experiment name its runs have (its control's without ``_control``)."""
+    exp = run.variant.removesuffix(CONTROL_SUFFIX) if run.control else run.variant
+    return METHODS.get(run.script, Method(run.script, run.script, exp, run.args["model"]))
 
 
 def method_label(run, method, upper_bound):
@@ -501,10 +515,14 @@ def control_comparisons(rows):
 
 def band_share(comparison, comparisons):
     """The mean difference as a share of the band (the all-labels V-Net's mean difference to the same
-    labelled-only run): 0 % is the labelled-only V-Net, 100 % the all-labels one; None without a band."""
+    labelled-only run): 0 % is the labelled-only V-Net, 100 % the all-labels one; None without a band, and when
+    the band is under :data:`MIN_BAND` points or not significant (Wilcoxon p >= 0.05): a share of a band that may
+    be noise says nothing (a band of 0.01 points would make a 1-point gain 10,000 %)."""
     for other in comparisons:
-        if other.row.upper_bound and other.baseline is comparison.baseline and other.stats.mean > 0:
-            return 100 * comparison.stats.mean / other.stats.mean
+        if other.row.upper_bound and other.baseline is comparison.baseline:
+            if other.stats.mean >= MIN_BAND and other.stats.p_value < 0.05:
+                return 100 * comparison.stats.mean / other.stats.mean
+            return None
     return None
 
 
@@ -715,7 +733,8 @@ def render(results, title, note=None, model_label=None):
                   "Wilcoxon signed-rank p-value, the median difference (what a typical case gains), how many pairs "
                   "are better and worse, and how many cases are better in every seed (`code/report/paired.py`). "
                   "The all-labels V-Net compared the same way gives the band; \"share of the band\" places a method "
-                  "in it (0 %: the labelled-only V-Net, 100 %: the all-labels one). \"Gain over its own control\" "
+                  "in it (0 %: the labelled-only V-Net, 100 %: the all-labels one; \"–\" when the band is under "
+                  f"{MIN_BAND:g} point or not significant, p >= 0.05). \"Gain over its own control\" "
                   "compares a method the same way with its matched control: its own script with every loss term "
                   "that reads an unlabelled crop off (`--labelled_only 1`), the same networks, batches and "
                   "schedule, so it is what the unlabelled data add. No number here was selected on the test set.",
@@ -759,7 +778,7 @@ def export_run_files(results, out, table):
 def table_settings(folder, args):
     """Title, note and output file of the document: the flags given, else those ``table.json`` of a folder of
     run files records (:func:`export_run_files`; ``folder``, the one read or the one written), else the
-    defaults."""
+    defaults (``results.md`` in ``folder``, so that a bare call never overwrites a committed table)."""
     recorded = {}
     path = Path(folder) / TABLE_FILE
     if path.is_file():
@@ -768,7 +787,7 @@ def table_settings(folder, args):
         except ValueError as exc:
             raise UserError(f"{path} cannot be read ({exc})") from None
     return {key: getattr(args, key) if getattr(args, key) is not None else recorded.get(key, default)
-            for key, default in (("title", "Results"), ("note", None), ("out", "docs/results.md"))}
+            for key, default in (("title", "Results"), ("note", None), ("out", str(Path(folder) / "results.md")))}
 
 
 def folder_label(path):
@@ -786,7 +805,8 @@ def get_parser():
                         help="folder holding the runs, or the run files a table was made from (default: model)")
     parser.add_argument("--out", default=None,
                         help="markdown file to write, relative to the repository root (default: the one the run "
-                             "files' table.json names, else docs/results.md)")
+                             "files' table.json names, else results.md in --model_dir; never a committed table "
+                             "unless named)")
     parser.add_argument("--title", default=None,
                         help="heading of the document (default: table.json's, else Results)")
     parser.add_argument("--note", default=None, help="paragraph printed under the heading (default: table.json's)")

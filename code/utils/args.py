@@ -4,9 +4,11 @@ A method script calls :func:`training_parser` with its paper's defaults, adds it
 :func:`finalize_args` after parsing, which fills dataset-dependent defaults and rejects impossible values
 with one-line errors.
 """
+import argparse
 import math
 from pathlib import Path, PurePath
 
+from dataloaders.data_tag import data_tag
 from utils.cli import REPO_ROOT, ArgumentParser, resolve_path
 from utils.errors import UserError
 from utils.lr_schedule import SCHEDULES
@@ -52,6 +54,11 @@ def training_parser(description, *, exp, max_iterations, batch_size, base_lr, se
     "epochs" of 150 iterations, see ``utils.ramps.consistency_weight``).
     """
     parser = ArgumentParser(description=description)
+    # the flags counted in iterations, which a shorter protocol shrinks in proportion (add_schedule_flag)
+    parser.schedule_flags = ["lr_step"] + (["iterations_per_epoch"] if semi_supervised else [])
+    parser.add_argument("--print_protocol", action=PrintProtocol,
+                        help="print the protocol reproduce.sh reads from this script (its run folder name, "
+                             "network, schedule, controls) and exit")
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default="LA", help="LA, Pancreas or BraTS2019 (default: LA)")
     data.add_argument("--root_path", default=None,
@@ -79,7 +86,8 @@ def training_parser(description, *, exp, max_iterations, batch_size, base_lr, se
     run = parser.add_argument_group("run")
     run.add_argument("--exp", default=f"{{dataset}}/{exp}",
                      help="experiment name; the run goes to <output_root>/<exp>_<labelnum>/<model> (default: "
-                          f"<dataset>/{exp}, e.g. LA/{exp})")
+                          f"<data tag>/{exp}: LA/{exp} on LA, synthetic_LA/{exp} on synthetic.py's data, "
+                          f"LA_half/{exp} on resample.py's half-resolution copy)")
     run.add_argument("--model", default=model, choices=models or (model,),
                      help="network name, one of those this method can train, also the last folder of the run "
                           "directory (default: %(default)s)")
@@ -144,7 +152,7 @@ def training_parser(description, *, exp, max_iterations, batch_size, base_lr, se
     evaluation.add_argument("--stride_z", type=int, default=None,
                             help="default: the dataset's (LA 4, Pancreas 16, BraTS2019 64)")
     evaluation.add_argument("--nms", type=int, choices=(0, 1), default=0,
-                            help="keep the largest connected component (default: 0)")
+                            help="keep the largest connected component")
     evaluation.add_argument("--sw_batch_size", type=int, default=4,
                             help="windows per forward pass (default: %(default)s)")
     validation = parser.add_argument_group("periodic validation (sliding window on the validation list)")
@@ -153,6 +161,42 @@ def training_parser(description, *, exp, max_iterations, batch_size, base_lr, se
                                  "val.txt, or the --val_num cases) as val/dice and keep the best weights as "
                                  "best_val.pth; the training is unchanged (default: 0, off)")
     return parser
+
+
+def add_schedule_flag(parser, dest):
+    """Declare the flag ``dest`` of a :func:`training_parser` as counted in iterations (as UC-Seg's
+    ``--mix_start``): ``reproduce.sh``'s shorter protocols shrink it with ``--max_iterations``."""
+    parser.schedule_flags.append(dest)
+
+
+def protocol(parser):
+    """A training script's protocol as its parser's defaults say it, what ``reproduce.sh`` needs to run it
+    (``utils/protocols.py``): ``exp``, the run folder's name (``--exp`` without its ``<dataset>/``); ``model``;
+    ``max_iterations``; ``semi_supervised`` (it has ``--labeled_bs``); ``control`` (it has ``--labelled_only``,
+    its matched control); ``recompute`` (it has ``--recompute``); ``schedule``, the flags counted in
+    iterations with their defaults (``--lr_step`` only under the step schedule)."""
+    dests = {action.dest for action in parser._actions}
+    schedule = {dest: parser.get_default(dest) for dest in parser.schedule_flags}
+    if parser.get_default("lr_schedule") != "step":
+        schedule.pop("lr_step", None)
+    return {"exp": str(parser.get_default("exp")).rsplit("/", 1)[-1], "model": parser.get_default("model"),
+            "max_iterations": parser.get_default("max_iterations"), "semi_supervised": "labeled_bs" in dests,
+            "control": "labelled_only" in dests, "recompute": "recompute" in dests, "schedule": schedule}
+
+
+class PrintProtocol(argparse.Action):
+    """``--print_protocol``: print :func:`protocol` as ``name value`` lines (1/0 for yes/no) and exit, as
+    ``--help`` does."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        described = protocol(parser)
+        described["schedule"] = " ".join(f"--{flag} {value}" for flag, value in described["schedule"].items())
+        for name, value in described.items():
+            print(name, int(value) if isinstance(value, bool) else value)
+        parser.exit(0)
 
 
 def add_mean_teacher_args(parser, ema_decay=0.99):
@@ -213,7 +257,7 @@ def finalize_args(args, dataset_spec):
     args.stride_xy = dataset_spec.stride_xy if args.stride_xy is None else args.stride_xy
     args.stride_z = dataset_spec.stride_z if args.stride_z is None else args.stride_z
     args.output_root = str(resolve_path(args.output_root))
-    args.exp = args.exp.replace("{dataset}", dataset_spec.name)
+    args.exp = args.exp.replace("{dataset}", data_tag(dataset_spec.name, args.root_path))
     if args.num_workers == "auto":
         args.num_workers = auto_num_workers(select_device(args.device))
     check_args(args)

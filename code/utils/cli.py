@@ -52,6 +52,15 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def bar_interval(stream):
+    """Seconds between a progress bar's updates on ``stream``: tqdm's default on a terminal; a minute into a
+    file or a pipe (``nohup``, ``reproduce.sh``'s job logs), where every update adds a line of its own."""
+    try:
+        return 0.1 if stream.isatty() else 60.0
+    except (AttributeError, ValueError):
+        return 60.0
+
+
 def raise_interrupted(signum, frame):
     """Signal handler: stop now with :class:`~utils.errors.Interrupted`."""
     raise Interrupted(signum)

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -30,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from utils.cli import bar_interval
 from utils.errors import UserError, raise_swallowed_stop
 from utils.folder_lock import LOCK_FILE, FolderLock, is_abandoned
 from utils.metrics import calculate_metric_percase, dice_score, largest_connected_component, summarize_metrics
@@ -227,7 +229,8 @@ def _evaluate_into(predict, dataset, out_dir, patch_size, stride_xy, stride_z, n
                    sw_batch_size, nms, spacing, save_nii, protocol_extra, progress):
     """The body of :func:`evaluate`."""
     rows, started = [], time.time()
-    for index in tqdm(range(len(dataset)), desc="evaluate", ncols=80, disable=not progress, leave=False):
+    for index in tqdm(range(len(dataset)), desc="evaluate", ncols=80, disable=not progress, leave=False,
+                      mininterval=bar_interval(sys.stderr)):
         sample = dataset.load(index)
         prediction, _ = sliding_window_inference(predict, sample["image"], patch_size, stride_xy, stride_z,
                                                  num_classes, device, sw_batch_size)

@@ -25,23 +25,38 @@ from utils.cli import REPO_ROOT
 DIFF_FILE = "git.diff"
 
 
-def _git(*cmd):
+def _git(*cmd, check=True):
     return subprocess.run(["git", "-C", str(REPO_ROOT), *cmd], capture_output=True, encoding="utf-8",
-                          errors="replace", timeout=10).stdout
+                          errors="replace", timeout=10, check=check).stdout
+
+
+def changed_code_files():
+    """``{path: SHA-256, or "deleted"}`` of every file under ``code/`` that differs from the commit: edited or
+    deleted tracked files and files git does not track (a copied method script); ignored ones (caches) aside.
+    Paths are relative to the repository."""
+    tracked = _git("diff", "--name-only", "-z", "HEAD", "--", "code").split("\0")
+    untracked = _git("ls-files", "--others", "--exclude-standard", "-z", "--", "code").split("\0")
+    return {path: file_sha256(REPO_ROOT / path) if (REPO_ROOT / path).is_file() else "deleted"
+            for path in sorted(set(tracked + untracked) - {""})}
 
 
 def code_record(folder):
-    """Commit and dirty flag of the code; with uncommitted edits (a researcher trying an idea), their diff is
-    written to ``folder/git.diff``, so that what ran can be traced to its code. ``{"commit": None, "dirty":
-    None}`` outside a git checkout."""
+    """Commit and dirty flag of the code, and ``changed_files`` (:func:`changed_code_files`); with uncommitted
+    edits (a researcher trying an idea), their diff is written to ``folder/git.diff``, the content of the files
+    under ``code/`` that git does not track included (``git apply`` restores them), so that what ran can be traced
+    to its code. ``{"commit": None, "dirty": None}`` outside a git checkout."""
     try:
         commit = _git("rev-parse", "HEAD").strip() or None
-        dirty = bool(_git("status", "--porcelain", "--untracked-files=no").strip())
+        changed = changed_code_files()
+        untracked = _git("ls-files", "--others", "--exclude-standard", "-z", "--", "code").split("\0")
+        dirty = bool(_git("status", "--porcelain", "--untracked-files=no").strip()) or bool(changed)
         if dirty:
-            (Path(folder) / DIFF_FILE).write_text(_git("diff", "HEAD"), encoding="utf-8")
+            diff = _git("diff", "HEAD") + "".join(_git("diff", "--no-index", "--", "/dev/null", path, check=False)
+                                                  for path in sorted(set(untracked) - {""}))
+            (Path(folder) / DIFF_FILE).write_text(diff, encoding="utf-8")
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
-    return {"commit": commit, "dirty": dirty, "diff": DIFF_FILE if dirty else None}
+    return {"commit": commit, "dirty": dirty, "diff": DIFF_FILE if dirty else None, "changed_files": changed}
 
 
 def same_code(trained, trained_folder, evaluated, evaluated_folder):

@@ -35,18 +35,19 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from dataloaders.data_tag import data_record
 from dataloaders.registry import get_dataset_spec
 from dataloaders.samplers import InfiniteBatches, seed_worker
 from utils.args import RUNTIME_FLAGS, stored_args
 from utils.atomic import write_atomically
 from utils.checkpoint import load_checkpoint, load_models, save_checkpoint
-from utils.cli import install_stop_handlers
+from utils.cli import bar_interval, install_stop_handlers
 from utils.errors import Interrupted, UserError, signal_name
 from utils.evaluation import (check_evaluation_dependencies, eval_mode, evaluate, format_summary,
                               prepare_for_inference, selection_record, validation_dice)
 from utils.folder_lock import LOCK_FILE, FolderLock
 from utils.lr_schedule import lr_at, set_lr
-from utils.provenance import code_record
+from utils.provenance import code_record, file_sha256
 from utils.run_files import BEST_VAL, LATEST, snapshot_name
 from utils.runtime import (autocast, capture_rng_state, prepare_for_training, quiet_determinism_warnings,
                            restore_rng_state, seed_everything, select_device, to_step_layout)
@@ -55,6 +56,19 @@ LOG_FORMAT = "[%(asctime)s.%(msecs)03d] %(message)s"
 LOG_DATEFMT = "%H:%M:%S"
 PREFETCH_BATCHES = 4  # per loader worker (PyTorch's default is 2)
 _UNREAD = object()  # TrainingRun._best before best_val.pth was looked at
+
+
+CPU_NOTE_HOURS = 3.0  # a CPU run whose rest takes longer gets a note after its second iteration (_time_steps)
+
+
+def signal_note(text):
+    """Write ``text`` to stderr from a signal handler, unbuffered (a ``print`` there may fail with a reentrant
+    call); a stderr without a file descriptor (a test runner capturing the output of an in-process run) gets
+    nothing, so that the handler never fails and the stop goes through."""
+    try:
+        os.write(sys.stderr.fileno(), text.encode())
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def run_directory(args):
@@ -188,6 +202,7 @@ class TrainingRun:
     def __init__(self, args, script_file):
         self.args = args
         self.script = Path(script_file).stem
+        self.script_file = Path(script_file)
         self.dir = run_directory(args)
         self.device = select_device(args.device)
         if args.amp and self.device.type != "cuda":
@@ -203,6 +218,7 @@ class TrainingRun:
         self._accepted_changes = None  # (time, changed settings) of --accept_changes, until the first step
         self._saved_iteration = None
         self._last_save_time = time.monotonic()
+        self._step_times = []  # the time at the end of each of the first iterations of this process
         self._lock = self._prepare_directory()
         try:
             self._open()
@@ -303,7 +319,9 @@ class TrainingRun:
         now = dt.datetime.now().isoformat(timespec="seconds")
         if stored is None:
             config = {"script": self.script, "args": current, "command": sys.argv,
-                      "git": code_record(self.dir), "versions": _versions(), "host": socket.gethostname(),
+                      "data": data_record(self.args.dataset, self.args.root_path),
+                      "git": code_record(self.dir), "script_copy": self._copy_script(),
+                      "versions": _versions(), "host": socket.gethostname(),
                       "device": str(self.device), "threads": torch.get_num_threads(), "started": now}
         else:
             config = stored
@@ -323,6 +341,13 @@ class TrainingRun:
                                  f"with {torch.get_num_threads()}; on the CPU the thread count changes the "
                                  "arithmetic, so its weights will differ from an uninterrupted run's")
         write_json(path, config)
+
+    def _copy_script(self):
+        """Copy the method script into the run folder (a copied script trying an idea may be in no commit) and
+        return the copy's name and SHA-256 for ``config.json``."""
+        copy = self.dir / self.script_file.name
+        write_atomically(copy, lambda handle: handle.write(self.script_file.read_bytes()))
+        return {"file": copy.name, "sha256": file_sha256(copy)}
 
     # -- state ------------------------------------------------------------------------------------------
     def restore(self, models, optimizers):
@@ -368,6 +393,7 @@ class TrainingRun:
         if last or iteration % args.snapshot_interval == 0:
             save_checkpoint(self.dir / snapshot_name(iteration), {
                 "script": self.script, "iteration": iteration, "models": self._finite_weights(iteration, models)})
+        self._time_steps(iteration)
         self.validate(iteration)  # before latest.pth: a run resumed from it never skips a validation
         time_due = args.save_minutes > 0 and time.monotonic() - self._last_save_time >= 60 * args.save_minutes
         if last or iteration % args.save_interval == 0 or time_due or self._stop_signal is not None:
@@ -376,6 +402,23 @@ class TrainingRun:
             if self._saved_iteration != iteration:  # the signal came while the files above were written
                 self._save_latest(iteration, models, optimizers)
             self._stop(iteration)
+
+    def _time_steps(self, iteration):
+        """After the second iteration of this process (the first one includes the loader's start), on the CPU,
+        when the rest of the run would take :data:`CPU_NOTE_HOURS` hours or more, say in one line how long it
+        will take here and what to run instead (a paper's protocol takes days on a CPU)."""
+        if len(self._step_times) >= 2:
+            return
+        self._step_times.append(time.monotonic())
+        if len(self._step_times) < 2 or self.device.type != "cpu":
+            return
+        seconds = self._step_times[1] - self._step_times[0]
+        left = self.args.max_iterations - iteration
+        if seconds * left >= 3600 * CPU_NOTE_HOURS:
+            self.logger.info(f"note: {seconds:.1f} s per iteration on this CPU, so about {seconds * left / 3600:.0f} h "
+                             f"for the {left} iterations left. On a CPU, the CPU protocol (QUICK=1 bash "
+                             "reproduce.sh, docs/cpu_protocol.md) or a narrower network on smaller crops "
+                             "(--n_filters 8 --patch_size 64 64 32) take hours, not days; or use a GPU")
 
     def _record_accepted_changes(self):
         """Write the settings that ``--accept_changes`` took into ``config.json``, once the resumed run has loaded
@@ -468,7 +511,7 @@ class TrainingRun:
             self._stop_signal = signum
             note = (f"\n{signal_name(signum)}: stopping at the end of this iteration after saving {LATEST} "
                     f"(kill -9 {os.getpid()} stops at once and loses the iterations since the last save)\n")
-            os.write(sys.stderr.fileno(), note.encode())
+            signal_note(note)
 
     def _stop(self, iteration):
         """Leave the loop after the save of a stop signal with :class:`~utils.errors.Interrupted`, which
@@ -481,7 +524,7 @@ class TrainingRun:
         else:
             message = (f"stopped by {name} after iteration {iteration}; {LATEST} is saved. Resume with:\n"
                        f"  {resume_command()}")
-        self.logger.info(message.splitlines()[0], extra={"console": False})
+        self.logger.info(message, extra={"console": False})  # log.txt too says how to go on
         self._close_bar()
         raise Interrupted(self._stop_signal, message)
 
@@ -513,7 +556,10 @@ class TrainingRun:
             cases = f"{len(train_set)} labelled cases"
         else:
             cases = f"{self.args.labelnum} labelled + {len(train_set) - self.args.labelnum} unlabelled cases"
-        self.logger.info(f"{cases}, {len(sampler)} iterations per epoch, device {self.device}")
+        epochs = f"{len(sampler)} iterations per pass over the data"
+        if hasattr(self.args, "iterations_per_epoch"):  # another epoch: the unit of the consistency ramps
+            epochs += f" (the ramps count epochs of --iterations_per_epoch {self.args.iterations_per_epoch:g})"
+        self.logger.info(f"{cases}, {epochs}, device {self.device}")
         for warning in getattr(train_set, "warnings", ()):
             self.logger.info(f"warning: {warning}")
         self._last_save_time = time.monotonic()
@@ -600,7 +646,8 @@ class TrainingRun:
         and SIGTERM stop the run at the end of an iteration, after saving it (:meth:`save`)."""
         install_stop_handlers(self._request_stop)
         self._bar = tqdm(range(start, self.args.max_iterations), initial=start, total=self.args.max_iterations,
-                         ncols=100, desc=self.script, disable=not self.args.progress, file=sys.stdout)
+                         ncols=100, desc=self.script, disable=not self.args.progress, file=sys.stdout,
+                         mininterval=bar_interval(sys.stdout))
         return self._bar
 
     def _close_bar(self):
