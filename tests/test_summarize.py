@@ -349,3 +349,13 @@ def test_validation_selected_weights_are_shown_beside_the_final_ones(protocol_op
     assert rows == [{"run": "`LA_draw1_seed1337/Supervised_8/vnet`", "seed": "1337", "Dice, final weights (%)": "80.00",
                      "Dice, weights best on validation (%)": "81.00", "selected at iteration": "60",
                      "validation Dice (%)": "77.00"}]
+
+
+@pytest.mark.parametrize("labelnums, count", [([4], 10), ([4, 8, 16], 10), ([8], 1)])
+def test_the_dice_figure_keeps_every_dodged_marker_inside(labelnums, count):
+    """Ten methods at one labelled count: the outermost markers were clipped at the figure's edges."""
+    shifts = plots.dodge(count, labelnums)
+    low, high = plots.x_limits(labelnums, shifts)
+    spread = max(abs(shift) for shift in shifts)
+    assert low <= min(labelnums) - 2 * spread and high >= max(labelnums) + 2 * spread
+    assert low <= min(labelnums) - 0.5 and high >= max(labelnums) + 0.5

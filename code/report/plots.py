@@ -90,13 +90,16 @@ def plot_dice_vs_labelled(rows, tag, out_dir):
     fig = Figure(figsize=(6.5, 4.5), layout="constrained")
     ax = fig.add_subplot()
     labelnums = sorted({labelnum for series in points.values() for labelnum, *_ in series})
-    for (label, series), shift, marker in zip(points.items(), dodge(len(points), labelnums), MARKERS * len(points)):
+    shifts = dodge(len(points), labelnums)
+    for (label, series), shift, marker in zip(points.items(), shifts, MARKERS * len(points)):
         x, mean, low, high = map(np.array, zip(*sorted(series)))
         ax.errorbar(x + shift, mean, yerr=[mean - low, high - mean], marker=marker, capsize=3, label=label)
     for label, series in upper.items():
         for labelnum, mean, _, _ in series:
             ax.axhline(mean, linestyle="--", color="grey", label=f"{label} ({labelnum})")
     ax.set_xticks(labelnums)
+    if labelnums:
+        ax.set_xlim(*x_limits(labelnums, shifts))
     ax.set_xlabel("labelled training cases")
     ax.set_ylabel("test Dice (%)")
     ax.set_title(f"{tag}: mean over seeds, bars from lowest to highest seed")
@@ -113,6 +116,14 @@ def dodge(count, labelnums):
     gaps = np.diff(labelnums)
     width = (gaps.min() if gaps.size else 1.0) / 3
     return list(np.linspace(-width / 2, width / 2, count))
+
+
+def x_limits(labelnums, shifts):
+    """The x range of figure (a): every dodged method with room for its marker on both sides (the outermost
+    ones were clipped at the edges), as much room again as the dodge spreads them, at least half a case."""
+    spread = max((abs(shift) for shift in shifts), default=0.0)
+    pad = max(2 * spread, 0.5)
+    return min(labelnums) - pad, max(labelnums) + pad
 
 
 # -- (b) training curves -------------------------------------------------------------------------------------
