@@ -25,13 +25,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from dataloaders.data_tag import RESAMPLE_RECORD
 from dataloaders.h5io import read_case, read_shapes, write_case
 from dataloaders.la_heart import SPLIT_FILES, case_path, read_list
 from dataloaders.synthetic import claim_output_dir
 from utils.cli import ArgumentParser, resolve_path, run_cli
 from utils.errors import DataError, UserError
 
-RECORD_FILE = "resample.json"
+RECORD_FILE = RESAMPLE_RECORD
 SPLIT_PATTERNS = ("*.list", "*.txt")
 
 

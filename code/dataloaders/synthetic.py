@@ -18,7 +18,6 @@ Usage::
     python code/dataloaders/synthetic.py --out data/synthetic_LA --num_cases 20 --num_test 4 \\
         --shape 96 96 48 --size_jitter 0.15 --seed 0 [--overwrite]
 """
-import json
 import sys
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from tqdm import tqdm
 from dataloaders.data_tag import SYNTHETIC_RECORD
 from dataloaders.h5io import write_case
 from dataloaders.la_heart import SPLIT_FILES, case_path, write_list
-from utils.atomic import write_atomically
+from utils.atomic import write_json
 from utils.cli import REPO_ROOT, ArgumentParser, run_cli
 from utils.errors import UserError
 from utils.metrics import largest_connected_component
@@ -252,8 +251,7 @@ def make_synthetic_dataset(out_dir, num_cases=20, num_test=4, shape=(96, 96, 48)
         fractions.append(label.mean())
     record = {"writer": "code/dataloaders/synthetic.py", "num_cases": num_cases, "num_test": num_test,
               "shape": list(shape), "size_jitter": size_jitter, "seed": seed}
-    write_atomically(out_dir / SYNTHETIC_RECORD,
-                     lambda handle: handle.write((json.dumps(record, indent=2) + "\n").encode("utf-8")))
+    write_json(out_dir / SYNTHETIC_RECORD, record)
     write_list(split_paths["train"], ids[:-num_test])
     write_list(split_paths["test"], ids[-num_test:])
     print(summary(out_dir, num_cases - num_test, num_test, shapes, fractions))

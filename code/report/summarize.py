@@ -258,14 +258,14 @@ def experiment_names(args):
     return tag, tail
 
 
-def data_tag_of(config, tag, variant):
-    """``(tag, variant)`` with the tag that the data the run read gives (``config.json``'s ``data``, recorded since
+def data_tag_of(config, tag):
+    """``tag``, or the tag that the data the run read gives (``config.json``'s ``data``, recorded since
     runs record it) where ``--exp`` named the dataset itself: a run on synthetic or resampled data given
     ``--exp LA/...`` is not filed as LA (``dataloaders.data_tag``)."""
     data = config.get("data")
     if isinstance(data, dict) and data.get("kind") != "as given" and tag == config["args"]["dataset"]:
         tag = data.get("tag") or f"{tag}_{data.get('kind')}"
-    return tag, variant
+    return tag
 
 
 def read_run(run_dir, model_dir):
@@ -276,7 +276,8 @@ def read_run(run_dir, model_dir):
     for key in ("exp", "seed", "labelnum", "max_iterations", "dataset", "model", "nms"):
         if key not in args:
             raise ValueError(f"no args.{key}")
-    tag, variant = data_tag_of(config, *experiment_names(args))
+    tag, variant = experiment_names(args)
+    tag = data_tag_of(config, tag)
     run = Run(run_dir, str(run_dir.relative_to(model_dir)), config["script"], args, tag, variant,
               listed_cases=config.get("listed_training_cases"))
     final = own_evaluation(run_dir, args)

@@ -184,6 +184,13 @@ def protocol(parser):
             "control": "labelled_only" in dests, "recompute": "recompute" in dests, "schedule": schedule}
 
 
+def protocol_text(parser):
+    """:func:`protocol` as text: yes/no as 1/0, the schedule as the flags that give it (``--lr_step 2500 ...``)."""
+    described = protocol(parser)
+    described["schedule"] = " ".join(f"--{flag} {value}" for flag, value in described["schedule"].items())
+    return {name: int(value) if isinstance(value, bool) else value for name, value in described.items()}
+
+
 class PrintProtocol(argparse.Action):
     """``--print_protocol``: print :func:`protocol` as ``name value`` lines (1/0 for yes/no) and exit, as
     ``--help`` does."""
@@ -192,10 +199,8 @@ class PrintProtocol(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        described = protocol(parser)
-        described["schedule"] = " ".join(f"--{flag} {value}" for flag, value in described["schedule"].items())
-        for name, value in described.items():
-            print(name, int(value) if isinstance(value, bool) else value)
+        for name, value in protocol_text(parser).items():
+            print(name, value)
         parser.exit(0)
 
 

@@ -5,6 +5,7 @@ writes a hidden temporary file beside it under a name no other process uses, syn
 over the target; a writer killed before the rename leaves only its temporary file, which the next holder of
 the folder removes (``utils.run.TrainingRun``).
 """
+import json
 import os
 import re
 import shutil
@@ -22,6 +23,11 @@ def temporary_name(path):
     so that two writers never share a temporary file."""
     path = Path(path)
     return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+
+
+def write_json(path, value):
+    """Write ``value`` as indented JSON, atomically (:func:`write_atomically`)."""
+    write_atomically(path, lambda handle: handle.write((json.dumps(value, indent=2) + "\n").encode("utf-8")))
 
 
 def write_atomically(path, write):

@@ -22,7 +22,7 @@ CODE_DIR = Path(__file__).resolve().parents[1]
 if str(CODE_DIR) not in sys.path:
     sys.path.insert(0, str(CODE_DIR))
 
-from utils.args import protocol  # noqa: E402
+from utils.args import protocol_text  # noqa: E402
 from utils.cli import ArgumentParser, run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
@@ -65,30 +65,28 @@ def parser_of(method):
     return parser
 
 
-def protocol_line(method):
-    """``method`` and its protocol's :data:`FIELDS`, tab-separated (yes/no as 1/0)."""
-    described = protocol(parser_of(method))
+def method_protocol(method):
+    """The protocol of ``method`` as text (``utils.args.protocol_text``); its run folder name checked."""
+    described = protocol_text(parser_of(method))
     if not FOLDER_NAME.fullmatch(described["exp"]):
         raise UserError(f"code/train_{method}_3D.py: its --exp default names the folder '{described['exp']}'; "
                         "reproduce.sh needs one folder name (letters, digits, . _ -)")
-    described["schedule"] = " ".join(f"--{flag} {value}" for flag, value in described["schedule"].items())
-    values = [int(described[f]) if isinstance(described[f], bool) else described[f] for f in FIELDS]
-    return "\t".join(str(v) for v in [method, *values])
+    return described
 
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    methods = list(dict.fromkeys(args.methods))
-    lines = [protocol_line(method) for method in methods]
+    protocols = {method: method_protocol(method) for method in dict.fromkeys(args.methods)}
     owners = {}
-    for method, line in zip(methods, lines):
-        exp = line.split("\t")[1]
+    for method, described in protocols.items():
+        exp = described["exp"]
         if exp in owners:
             raise UserError(f"methods {owners[exp]} and {method} both name their runs {exp} (the --exp default in "
                             f"their get_parser()): their runs would share folders; give code/train_{method}_3D.py "
                             "its own exp=")
         owners[exp] = method
-    print("\n".join(lines))
+    print("\n".join("\t".join(str(v) for v in [method, *(described[f] for f in FIELDS)])
+                    for method, described in protocols.items()))
     return 0
 
 

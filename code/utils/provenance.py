@@ -30,12 +30,16 @@ def _git(*cmd, check=True):
                           errors="replace", timeout=10, check=check).stdout
 
 
-def changed_code_files():
+def untracked_code_files():
+    """The files under ``code/`` that git does not track (a copied method script), ignored ones (caches) aside;
+    paths relative to the repository."""
+    return sorted(set(_git("ls-files", "--others", "--exclude-standard", "-z", "--", "code").split("\0")) - {""})
+
+
+def changed_code_files(untracked):
     """``{path: SHA-256, or "deleted"}`` of every file under ``code/`` that differs from the commit: edited or
-    deleted tracked files and files git does not track (a copied method script); ignored ones (caches) aside.
-    Paths are relative to the repository."""
+    deleted tracked files, and ``untracked`` (:func:`untracked_code_files`)."""
     tracked = _git("diff", "--name-only", "-z", "HEAD", "--", "code").split("\0")
-    untracked = _git("ls-files", "--others", "--exclude-standard", "-z", "--", "code").split("\0")
     return {path: file_sha256(REPO_ROOT / path) if (REPO_ROOT / path).is_file() else "deleted"
             for path in sorted(set(tracked + untracked) - {""})}
 
@@ -47,12 +51,12 @@ def code_record(folder):
     to its code. ``{"commit": None, "dirty": None}`` outside a git checkout."""
     try:
         commit = _git("rev-parse", "HEAD").strip() or None
-        changed = changed_code_files()
-        untracked = _git("ls-files", "--others", "--exclude-standard", "-z", "--", "code").split("\0")
+        untracked = untracked_code_files()
+        changed = changed_code_files(untracked)
         dirty = bool(_git("status", "--porcelain", "--untracked-files=no").strip()) or bool(changed)
         if dirty:
             diff = _git("diff", "HEAD") + "".join(_git("diff", "--no-index", "--", "/dev/null", path, check=False)
-                                                  for path in sorted(set(untracked) - {""}))
+                                                  for path in untracked)
             (Path(folder) / DIFF_FILE).write_text(diff, encoding="utf-8")
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}

@@ -39,7 +39,7 @@ from dataloaders.data_tag import data_record
 from dataloaders.registry import get_dataset_spec
 from dataloaders.samplers import InfiniteBatches, seed_worker
 from utils.args import RUNTIME_FLAGS, stored_args
-from utils.atomic import write_atomically
+from utils.atomic import write_atomically, write_json
 from utils.checkpoint import load_checkpoint, load_models, save_checkpoint
 from utils.cli import bar_interval, install_stop_handlers
 from utils.errors import Interrupted, UserError, signal_name
@@ -119,11 +119,6 @@ def _make_writer(log_dir, logger):
         logger.info("tensorboardX is not installed: no tensorboard logs (log.txt has every value)")
         return None
     return SummaryWriter(str(log_dir))
-
-
-def write_json(path, value):
-    """Write ``value`` as indented JSON, atomically."""
-    write_atomically(path, lambda handle: handle.write((json.dumps(value, indent=2) + "\n").encode("utf-8")))
 
 
 def changed_settings(stored, current):
