@@ -170,7 +170,7 @@ def test_a_second_process_on_a_live_run_gets_one_line_naming_the_holder(syntheti
     proc = start(TRAIN, args)
     try:
         wait_for_iteration(run, 2, proc)
-        for extra in (["--resume"], ["--overwrite"]):
+        for extra in ([], ["--resume"], ["--overwrite"]):
             second = run_main(TRAIN, *args, *extra)
             assert_one_line_error(second, "is in use by pid", str(proc.pid))
         assert run.is_dir() and not list(run.parent.glob("vnet.old-*"))

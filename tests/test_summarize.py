@@ -222,6 +222,30 @@ def test_published_numbers_are_quoted_from_the_method_docs():
                 assert value is None or value in text, (doc, value)
 
 
+def test_a_run_that_a_live_process_trains_is_training_not_failed(tmp_path):
+    """A table made while the runs train (reproduce.sh still going) says which are training, never "failed";
+    once the trainer is gone, the same folder is a failed run again."""
+    root, model_dir = data_and_model_dirs(tmp_path)
+    make_run(model_dir, root, SUPERVISED, 8, 1337)
+    run = make_run(model_dir, root, UGMCL, 8, 1337, state="unevaluated")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from utils.folder_lock import FolderLock; "
+                               f"FolderLock({str(run)!r}).acquire(); print('locked', flush=True); time.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT / "code")
+    out = tmp_path / "results.md"
+    command = [sys.executable, str(SUMMARIZE), "--model_dir", str(model_dir), "--out", str(out)]
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        subprocess.run(command, check=True, capture_output=True, timeout=60)
+        row = next(line for line in out.read_text().splitlines() if line.startswith("| LA | UG-MCL |"))
+        assert "| training | training | training | training | 0 of 1 (training 1337) |" in row
+        assert f"`LA_seed1337/UGMCL_8/vnet_sdf` (seed 1337): training (pid {holder.pid} on " in out.read_text()
+    finally:
+        holder.kill()
+        holder.wait()
+    subprocess.run(command, check=True, capture_output=True, timeout=60)
+    row = next(line for line in out.read_text().splitlines() if line.startswith("| LA | UG-MCL |"))
+    assert "| failed / not evaluated | failed / not evaluated |" in row and "(failed 1337)" in row
+
 @pytest.mark.parametrize("make_dir, message", [(False, "error: model folder "), (True, "error: no runs under ")])
 def test_cli_one_line_error(tmp_path, make_dir, message):
     model_dir = tmp_path / "model"

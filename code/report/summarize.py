@@ -11,7 +11,8 @@ row per (data tag, method, labelled count, protocol): each metric cell is the me
 deviation (n - 1) over seeds of the per-run test-set means, read from the ``summary.json`` of the run's own result:
 the evaluation of its own final weights, with the method's inference, on the whole test list, as recorded
 (``utils.own_result``). A run without one (training failed or unfinished, or never evaluated) is reported as
-"failed / not evaluated" with its reason and never contributes a number; every other evaluation in a run folder
+"failed / not evaluated" with its reason, or as "training" while a live process holds its folder, and never
+contributes a number; every other evaluation in a run folder
 is listed under the table with why it is not the run's result. Folders moved aside by
 ``--overwrite`` (``<run>.old-<time>``) are not runs of the summary.
 
@@ -44,12 +45,14 @@ if CODE_DIR not in sys.path:
 from utils.atomic import write_atomically  # noqa: E402
 from utils.cli import REPO_ROOT, ArgumentParser, output_path, resolve_path, run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
+from utils.folder_lock import live_holder  # noqa: E402
 from utils.own_result import own_evaluation  # noqa: E402
 from utils.run_files import BEST_VAL  # noqa: E402
 from report.paired import (BOOTSTRAP_RESAMPLES, better_in_every_seed, compare, metrics_rows,  # noqa: E402
                            paired_differences)
 
 FAILED = "failed / not evaluated"
+TRAINING = "training"  # a run without a result whose folder a live process holds
 CONTROL_SUFFIX = "_control"  # reproduce.sh's experiment name of a method's control: MT_control
 EVALUATION_FILES = ("summary.json", "metrics.csv", "git.diff")  # what run files keep of an evaluation (a diff:
 # the code's uncommitted edits, when there were any)
@@ -164,6 +167,7 @@ class Run:
     best_dir: Path = None  # its folder
     listed_cases: int = None  # cases of the training list the run read (config.json), where it recorded them
     set_apart: list = field(default_factory=list)  # evaluations that are not the run's own result (own_result)
+    training: str = None  # who holds the folder, for a run without a result that a live process trains
 
     @property
     def seed(self):
@@ -284,6 +288,8 @@ def read_run(run_dir, model_dir):
     if final.chosen:
         run.eval_dir, run.summary = final.chosen.folder, final.chosen.summary
     run.problem, run.set_apart = final.reason, final.others
+    if not final.chosen:
+        run.training = live_holder(run_dir)
     best = own_evaluation(run_dir, args, BEST_VAL)
     if best.chosen:
         run.best_dir, run.best_summary = best.chosen.folder, best.chosen.summary
@@ -417,7 +423,9 @@ def run_notes(runs):
     record, and how many with code other than the run's training code."""
     notes = []
     for run in runs:
-        if run.summary is None:
+        if run.training:
+            notes.append(f"`{run.name}` (seed {run.seed}): {TRAINING} ({run.training.split(' (')[0]}), no number yet")
+        elif run.summary is None:
             notes.append(f"`{run.name}` (seed {run.seed}): {FAILED}: {run.problem}")
         elif run.summary.get("num_empty_pred"):
             notes.append(f"`{run.name}` (seed {run.seed}): {run.summary['num_empty_pred']} of "
@@ -632,21 +640,23 @@ def seed_statistic(values, scale):
 
 
 def metric_cells(row):
-    """The four metric cells of a row, or "failed / not evaluated" when no run of it has a number."""
+    """The four metric cells of a row, or "failed / not evaluated" ("training" while each of its runs trains) when
+    no run of it has a number."""
     if not row.runs:
-        return [FAILED] * len(METRIC_COLUMNS)
+        return [TRAINING if all(run.training for run in row.failed) else FAILED] * len(METRIC_COLUMNS)
     return [seed_statistic([run.summary[key]["mean"] for run in row.runs], scale)
             for key, _, scale in METRIC_COLUMNS]
 
 
 def seeds_cell(row):
     """``2 of 3 (missing 42)``: evaluated seeds out of every seed seen for the data tag, and which of the
-    others failed or have no run at all."""
+    others failed, are training or have no run at all."""
     evaluated = {run.seed for run in row.runs}
-    failed = [run.seed for run in row.failed]
-    missing = [s for s in row.tag_seeds if s not in evaluated and s not in failed]
-    details = [f"{what} {', '.join(map(str, seeds))}" for what, seeds in (("failed", failed), ("missing", missing))
-               if seeds]
+    failed = [run.seed for run in row.failed if not run.training]
+    training = [run.seed for run in row.failed if run.training]
+    missing = [s for s in row.tag_seeds if s not in evaluated and s not in failed + training]
+    details = [f"{what} {', '.join(map(str, seeds))}"
+               for what, seeds in (("failed", failed), (TRAINING, training), ("missing", missing)) if seeds]
     cell = f"{len(evaluated)} of {len(row.tag_seeds)}"
     return f"{cell} ({'; '.join(details)})" if details else cell
 

@@ -34,7 +34,7 @@ class FolderLock:
         """Take the lock without waiting; the error names ``what`` and the process holding it."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         if not try_lock(fd):
-            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+            holder = _holder(fd)
             os.close(fd)
             raise UserError(f"{what} {self.folder} is in use by {holder}; wait for it to end or stop it first")
         os.ftruncate(fd, 0)
@@ -64,15 +64,32 @@ def is_abandoned(folder):
 
     Only for folders of *other* processes: POSIX record locks belong to a process, so checking a folder this
     process has locked would release that lock when the file is closed here."""
-    path = Path(folder) / LOCK_FILE
+    return _lock_state(folder) == ""
+
+
+def live_holder(folder):
+    """Who holds ``folder``'s lock (:func:`holder_description`), or None when no live process does (or there is no
+    lock file). Only for folders of other processes, as :func:`is_abandoned`."""
+    return _lock_state(folder) or None
+
+
+def _lock_state(folder):
+    """None without a lock file, "" when nobody holds it, else the holder's description."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        fd = os.open(Path(folder) / LOCK_FILE, os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
-        return False
+        return None
     try:
-        return try_lock(fd)
+        if try_lock(fd):
+            return ""
+        return _holder(fd)
     finally:
         os.close(fd)
+
+
+def _holder(fd):
+    """The holder's description that the lock file ``fd`` holds."""
+    return os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
 
 
 def holder_description():

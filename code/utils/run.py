@@ -251,10 +251,11 @@ class TrainingRun:
                 raise UserError(f"--resume: there is no run to continue at {self.dir} (no {LATEST}); "
                                 "start it without --resume")
             return self._lock_folder()
-        if self._holds_anything() and not self.args.overwrite:
-            raise UserError(f"run directory {self.dir} already exists; pass --resume to continue it or "
-                            "--overwrite to start afresh (the old one is kept as <dir>.old-<time>)")
         if self._holds_anything():
+            if not self.args.overwrite:
+                self._lock_folder().release()  # a folder another process trains in is named as such
+                raise UserError(f"run directory {self.dir} already exists; pass --resume to continue it or "
+                                "--overwrite to start afresh (the old one is kept as <dir>.old-<time>)")
             self._move_aside()
         try:
             self.dir.mkdir(exist_ok=True)
