@@ -140,6 +140,12 @@ def test_committed_run_files_give_the_committed_table(run_files, tmp_path):
     assert out.read_text(encoding="utf-8") == (REPO_ROOT / table["out"]).read_text(encoding="utf-8")
 
 
+def test_the_cpu_table_is_committed_with_its_run_files():
+    """docs/results_quick.md, the table of QUICK=1, is one of the tables its committed run files give."""
+    assert REPO_ROOT / "results" / "LA_half_quick" in COMMITTED_RUN_FILES
+    table = json.loads((REPO_ROOT / "results" / "LA_half_quick" / "table.json").read_text(encoding="utf-8"))
+    assert table["out"] == "docs/results_quick.md"
+
 
 def test_the_result_figures_come_from_the_run_files_alone(model_dir, tmp_path, monkeypatch):
     """plots.py on a folder of run files writes the figures that need only evaluations (Dice against labelled
