@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
+from utils.folder_lock import LOCK_FILE, live_holder
 
 SBATCH = shutil.which("sbatch")
 
@@ -82,11 +83,13 @@ def submit(tmp_path, script):
     return proc.stdout.strip().split(";")[0]
 
 
-def wait_for(job, timeout=1200):
-    """Wait until no task of ``job`` is pending or running."""
+def wait_for(job, runs, timeout=1200):
+    """Wait until no task of ``job`` is pending or running, and no process holds a run folder under ``runs``:
+    squeue stops listing a cancelled array at once, while its runs still save ``latest.pth`` (within KillWait)."""
     deadline = time.monotonic() + timeout
-    while subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip():
-        assert time.monotonic() < deadline, f"job {job} still queued after {timeout} s"
+    while subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip() or \
+            any(live_holder(lock.parent) for lock in Path(runs).rglob(LOCK_FILE)):
+        assert time.monotonic() < deadline, f"job {job} still queued or its runs still held after {timeout} s"
         time.sleep(2)
 
 
@@ -120,7 +123,7 @@ def test_the_readme_array_trains_every_run_and_a_plain_call_then_writes_the_sequ
     lines = write_jobs(tmp_path, "array", METHODS="supervised mt", QUICK_ITERATIONS="4")
     assert len(lines) == 3  # the labelled-only V-Net, the mean teacher, the all-labels V-Net
     job = submit(tmp_path, readme_script(len(lines), "00:20:00"))
-    wait_for(job)
+    wait_for(job, tmp_path)
     for task in range(1, len(lines) + 1):
         assert task_state(job, task) == "COMPLETED", task_output(tmp_path, job, task)
         assert "training ->" in task_output(tmp_path, job, task)
@@ -138,7 +141,7 @@ def test_a_task_at_its_time_limit_saves_and_a_resubmitted_array_resumes_to_the_s
     iterations = "6000"  # more than a minute of training on any machine we know
     lines = write_jobs(tmp_path, "limited", METHODS="supervised", UPPER_BOUND="0", QUICK_ITERATIONS=iterations)
     job = submit(tmp_path, readme_script(len(lines), "00:01:00"))
-    wait_for(job)
+    wait_for(job, tmp_path)
     out = task_output(tmp_path, job, 1)
     assert task_state(job, 1) == "TIMEOUT", out
     assert re.search(r"stopped by SIGTERM after iteration \d+; latest\.pth is saved", out), out
@@ -146,7 +149,7 @@ def test_a_task_at_its_time_limit_saves_and_a_resubmitted_array_resumes_to_the_s
     run = next((tmp_path / "limited").glob("*/Supervised_4/vnet"))
     assert (run / "latest.pth").is_file() and not (run / f"iter_{iterations}.pth").exists()
     again = submit(tmp_path, readme_script(len(lines), "00:20:00"))
-    wait_for(again)
+    wait_for(again, tmp_path)
     assert task_state(again, 1) == "COMPLETED", task_output(tmp_path, again, 1)
     assert len(resumed_times(run)) == 1
     straight = reproduce(tmp_path, "straight", METHODS="supervised", UPPER_BOUND="0", QUICK_ITERATIONS=iterations)
@@ -161,11 +164,11 @@ def test_two_tasks_on_one_run_folder_leave_it_whole(tmp_path):
     lines = write_jobs(tmp_path, "twice", METHODS="supervised", UPPER_BOUND="0", QUICK_ITERATIONS="300")
     (tmp_path / "jobs.txt").write_text(lines[0] + "\n" + lines[0] + "\n")
     job = submit(tmp_path, readme_script(2, "00:20:00"))
-    wait_for(job)
+    wait_for(job, tmp_path)
     outputs = [task_output(tmp_path, job, task) for task in (1, 2)]
     states = [task_state(job, task) for task in (1, 2)]
-    # the later task meets the folder locked, or created and not yet resumable: either way one line, no training
-    refused = [out for out in outputs if re.search(r"^error: .*(is in use by|exists)", out, re.M)]
+    # the later task meets the folder locked by the earlier one: one line naming it, no training
+    refused = [out for out in outputs if re.search(r"^error: run folder .* is in use by pid", out, re.M)]
     assert sorted(states) == ["COMPLETED", "FAILED"] and len(refused) == 1, outputs
     after = reproduce(tmp_path, "twice", METHODS="supervised", UPPER_BOUND="0", QUICK_ITERATIONS="300")
     assert after.returncode == 0 and "trained already" in after.stdout and "evaluated already" in after.stdout
@@ -182,7 +185,7 @@ def test_a_cancelled_array_leaves_every_run_resumable(tmp_path):
         time.sleep(2)
         logs = list((tmp_path / "cancelled").glob("*/*/vnet/log.txt"))
     subprocess.run(["scancel", job], check=True, timeout=60)
-    wait_for(job)
+    wait_for(job, tmp_path)
     for run in (log.parent for log in logs):
         assert (run / "latest.pth").is_file() and not (run / f"iter_{iterations}.pth").exists()
     after = reproduce(tmp_path, "cancelled", METHODS="supervised mt", UPPER_BOUND="0", QUICK_ITERATIONS=iterations,
