@@ -127,6 +127,32 @@ def test_the_run_files_alone_give_the_same_table(model_dir, tmp_path, monkeypatc
     assert "from 7 runs under" in out.read_text(encoding="utf-8")
 
 
+def test_run_files_kept_while_a_run_trains_leave_it_out_and_say_so(model_dir, tmp_path, monkeypatch):
+    """A table committed mid-protocol: the run that a live process trains has no numbers yet, so its files are
+    not kept (they would read as a failed run), and the document names it, also when rebuilt from the files."""
+    monkeypatch.setattr(summarize, "REPO_ROOT", tmp_path)
+    training = model_dir / "LA_half_quick_seed2024" / "MT_control_4" / "vnet"
+    shutil.rmtree(training / f"eval_iter_{ITERATIONS}")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from utils.folder_lock import FolderLock; "
+                               f"FolderLock({str(training)!r}).acquire(); print('locked', flush=True); "
+                               "time.sleep(120)"], stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT / "code")
+    files, out = tmp_path / "results" / "LA_half_quick", tmp_path / "docs" / "results_quick.md"
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        summarize.main(["--model_dir", str(model_dir), "--run_files", str(files), "--out", str(out)])
+    finally:
+        holder.kill()
+        holder.wait()
+    first = out.read_text(encoding="utf-8")
+    assert not (files / "LA_half_quick_seed2024" / "MT_control_4").exists()
+    assert "from 7 runs under `results/LA_half_quick`. Left out: 1 run still training when these run files were " \
+           "kept (`LA_half_quick_seed2024/MT_control_4/vnet`)." in first
+    assert "failed" not in first
+    out.unlink()
+    summarize.main(["--model_dir", str(files)])
+    assert out.read_text(encoding="utf-8") == first
+
+
 COMMITTED_RUN_FILES = sorted(path.parent for path in (REPO_ROOT / "results").rglob("table.json"))
 
 
