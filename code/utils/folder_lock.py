@@ -74,10 +74,11 @@ def live_holder(folder):
 
 
 def _lock_state(folder):
-    """None without a lock file, "" when nobody holds it, else the holder's description."""
+    """None without a lock file (or with one this process may not open for writing, which a lock test needs:
+    a read-only copy of runs), "" when nobody holds it, else the holder's description."""
     try:
         fd = os.open(Path(folder) / LOCK_FILE, os.O_RDWR | os.O_CLOEXEC)
-    except FileNotFoundError:
+    except OSError:
         return None
     try:
         if try_lock(fd):
