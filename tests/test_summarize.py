@@ -236,14 +236,14 @@ def test_a_run_that_a_live_process_trains_is_training_not_failed(tmp_path):
     try:
         assert holder.stdout.readline() == "locked\n"
         subprocess.run(command, check=True, capture_output=True, timeout=60)
-        row = next(line for line in out.read_text().splitlines() if line.startswith("| LA | UG-MCL |"))
+        row = next(line for line in out.read_text(encoding="utf-8").splitlines() if line.startswith("| LA | UG-MCL |"))
         assert "| training | training | training | training | 0 of 1 (training 1337) |" in row
-        assert f"`LA_seed1337/UGMCL_8/vnet_sdf` (seed 1337): training (pid {holder.pid} on " in out.read_text()
+        assert f"`LA_seed1337/UGMCL_8/vnet_sdf` (seed 1337): training (pid {holder.pid} on " in out.read_text(encoding="utf-8")
     finally:
         holder.kill()
         holder.wait()
     subprocess.run(command, check=True, capture_output=True, timeout=60)
-    row = next(line for line in out.read_text().splitlines() if line.startswith("| LA | UG-MCL |"))
+    row = next(line for line in out.read_text(encoding="utf-8").splitlines() if line.startswith("| LA | UG-MCL |"))
     assert "| failed / not evaluated | failed / not evaluated |" in row and "(failed 1337)" in row
 
 @pytest.mark.parametrize("make_dir, message", [(False, "error: model folder "), (True, "error: no runs under ")])
