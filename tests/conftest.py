@@ -257,3 +257,18 @@ def synthetic_root(tmp_path_factory):
 def dataset_copy(synthetic_root, tmp_path):
     """A private copy of the synthetic dataset, for tests that corrupt it."""
     return shutil.copytree(synthetic_root, tmp_path / "LA")
+
+
+@contextlib.contextmanager
+def held_by_another_process(folder):
+    """``folder``'s lock (``utils.folder_lock``) held by a live child process for the block; yields its pid. A lock
+    of this process would not do: POSIX record locks belong to a process, which may always take its own."""
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from utils.folder_lock import FolderLock; "
+                               f"FolderLock({str(folder)!r}).acquire(); print('locked', flush=True); "
+                               "time.sleep(120)"], stdout=subprocess.PIPE, text=True, cwd=CODE_DIR)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, held_by_another_process
 from report import summarize
 from report.paired import compare
 
@@ -133,16 +133,9 @@ def test_run_files_kept_while_a_run_trains_leave_it_out_and_say_so(model_dir, tm
     monkeypatch.setattr(summarize, "REPO_ROOT", tmp_path)
     training = model_dir / "LA_half_quick_seed2024" / "MT_control_4" / "vnet"
     shutil.rmtree(training / f"eval_iter_{ITERATIONS}")
-    holder = subprocess.Popen([sys.executable, "-c", "import time; from utils.folder_lock import FolderLock; "
-                               f"FolderLock({str(training)!r}).acquire(); print('locked', flush=True); "
-                               "time.sleep(120)"], stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT / "code")
     files, out = tmp_path / "results" / "LA_half_quick", tmp_path / "docs" / "results_quick.md"
-    try:
-        assert holder.stdout.readline() == "locked\n"
+    with held_by_another_process(training):
         summarize.main(["--model_dir", str(model_dir), "--run_files", str(files), "--out", str(out)])
-    finally:
-        holder.kill()
-        holder.wait()
     first = out.read_text(encoding="utf-8")
     assert not (files / "LA_half_quick_seed2024" / "MT_control_4").exists()
     assert "from 7 runs under `results/LA_half_quick`. Left out: 1 run still training when these run files were " \

@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from conftest import held_by_another_process
 from report import plots, summarize
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -228,20 +229,13 @@ def test_a_run_that_a_live_process_trains_is_training_not_failed(tmp_path):
     root, model_dir = data_and_model_dirs(tmp_path)
     make_run(model_dir, root, SUPERVISED, 8, 1337)
     run = make_run(model_dir, root, UGMCL, 8, 1337, state="unevaluated")
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from utils.folder_lock import FolderLock; "
-                               f"FolderLock({str(run)!r}).acquire(); print('locked', flush=True); time.sleep(120)"],
-                              stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT / "code")
     out = tmp_path / "results.md"
     command = [sys.executable, str(SUMMARIZE), "--model_dir", str(model_dir), "--out", str(out)]
-    try:
-        assert holder.stdout.readline() == "locked\n"
+    with held_by_another_process(run) as pid:
         subprocess.run(command, check=True, capture_output=True, timeout=60)
         row = next(line for line in out.read_text(encoding="utf-8").splitlines() if line.startswith("| LA | UG-MCL |"))
         assert "| training | training | training | training | 0 of 1 (training 1337) |" in row
-        assert f"`LA_seed1337/UGMCL_8/vnet_sdf` (seed 1337): training (pid {holder.pid} on " in out.read_text(encoding="utf-8")
-    finally:
-        holder.kill()
-        holder.wait()
+        assert f"`LA_seed1337/UGMCL_8/vnet_sdf` (seed 1337): training (pid {pid} on " in out.read_text(encoding="utf-8")
     subprocess.run(command, check=True, capture_output=True, timeout=60)
     row = next(line for line in out.read_text(encoding="utf-8").splitlines() if line.startswith("| LA | UG-MCL |"))
     assert "| failed / not evaluated | failed / not evaluated |" in row and "(failed 1337)" in row
