@@ -22,7 +22,6 @@ if CODE_DIR not in sys.path:
 
 from utils.checkpoint import load_checkpoint  # noqa: E402
 from utils.cli import ArgumentParser, resolve_path, run_cli  # noqa: E402
-from utils.errors import UserError  # noqa: E402
 
 SHOWN = 3  # differing tensors named in the message
 
