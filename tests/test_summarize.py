@@ -290,6 +290,25 @@ def test_methods_with_equal_values_are_dodged_apart():
     assert plots.dodge(2, [8]) == pytest.approx([-1 / 6, 1 / 6])
 
 
+def test_every_series_of_the_dice_figure_is_told_apart_and_a_control_matches_its_method():
+    """Sixteen series (the CPU table: eight methods' rows and seven controls) would repeat matplotlib's ten-colour
+    cycle; here each method has its own colour and marker, and its control the same ones, hollow and dashed."""
+    methods = ["Supervised V-Net"] + [f"M{index}" for index in range(7)]
+    controls = {f"M{index}: own control": f"M{index}" for index in range(7)}
+    labels = [label for method in methods for label in (method, f"{method}: own control") if label in
+              [*methods, *controls]]
+    styles = plots.series_styles(labels, controls)
+    filled = [(styles[m]["color"], styles[m]["marker"]) for m in methods]
+    assert len(set(filled)) == len(methods)
+    for control, method in controls.items():
+        assert (styles[control]["color"], styles[control]["marker"]) == (styles[method]["color"],
+                                                                          styles[method]["marker"])
+        assert styles[control]["markerfacecolor"] == "white" and styles[control]["linestyle"] == "--"
+        assert "markerfacecolor" not in styles[method]
+    orphan = plots.series_styles(["A", "B: own control"], {"B: own control": "B"})
+    assert orphan["B: own control"]["color"] != orphan["A"]["color"]
+
+
 def comparison_table(text):
     """``{(method, labelled): {column: cell}}`` of the paired-comparison table."""
     lines = [line for line in text.split("## Paired comparison")[1].splitlines() if line.startswith("| ")]

@@ -56,6 +56,7 @@ SLICE_QUANTILES = (0.25, 0.5, 0.75)
 GROUND_TRUTH_FILL = ListedColormap(["lime"])
 PREDICTION_FILL = ListedColormap(["red"])
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]  # one per method of figure (a), cycled
+COLORS = [f"C{index}" for index in range(10)]  # matplotlib's default cycle, one per method of figure (a)
 
 
 def slug(text):
@@ -81,8 +82,26 @@ def dice_points(rows):
     return points
 
 
-def plot_dice_vs_labelled(rows, tag, out_dir):
-    """Figure (a) for one data tag; None when no run of it was evaluated."""
+def series_styles(labels, controls):
+    """``{label: errorbar keywords}`` for figure (a): each method its own colour and marker, in order, and a
+    method's control (``controls``: ``{control's label: method's label}``) its method's colour and marker,
+    hollow and dashed, so that the two read as a pair (matplotlib's cycle repeats after ten colours, which would
+    give a sixteen-series table two identical series)."""
+    methods = [label for label in labels if label not in controls]
+    styles = {label: {"color": COLORS[index % len(COLORS)], "marker": MARKERS[index % len(MARKERS)]}
+              for index, label in enumerate(methods)}
+    for offset, label in enumerate(label for label in labels if label in controls):
+        method = styles.get(controls[label])
+        if method is None:  # a control whose method was not evaluated: a style of its own, hollow
+            index = len(methods) + offset
+            method = {"color": COLORS[index % len(COLORS)], "marker": MARKERS[index % len(MARKERS)]}
+        styles[label] = {**method, "markerfacecolor": "white", "linestyle": "--"}
+    return styles
+
+
+def plot_dice_vs_labelled(rows, tag, out_dir, controls=None):
+    """Figure (a) for one data tag; None when no run of it was evaluated. ``controls``: ``{control's label:
+    method's label}`` (:func:`series_styles`)."""
     upper = dice_points([row for row in rows if row.upper_bound])
     points = dice_points([row for row in rows if not row.upper_bound])
     if not points and not upper:
@@ -91,9 +110,10 @@ def plot_dice_vs_labelled(rows, tag, out_dir):
     ax = fig.add_subplot()
     labelnums = sorted({labelnum for series in points.values() for labelnum, *_ in series})
     shifts = dodge(len(points), labelnums)
-    for (label, series), shift, marker in zip(points.items(), shifts, MARKERS * len(points)):
+    styles = series_styles(list(points), controls or {})
+    for (label, series), shift in zip(points.items(), shifts):
         x, mean, low, high = map(np.array, zip(*sorted(series)))
-        ax.errorbar(x + shift, mean, yerr=[mean - low, high - mean], marker=marker, capsize=3, label=label)
+        ax.errorbar(x + shift, mean, yerr=[mean - low, high - mean], capsize=3, label=label, **styles[label])
     for label, series in upper.items():
         for labelnum, mean, _, _ in series:
             ax.axhline(mean, linestyle="--", color="grey", label=f"{label} ({labelnum})")
@@ -319,9 +339,10 @@ def make_figures(results, out_dir, case=None, device="auto"):
     by_tag = defaultdict(list)
     for row in results.rows:
         by_tag[row.tag].append(row)
+    controls = {comparison.baseline.label: comparison.row.label for comparison in results.control_comparisons}
     written = []
     for tag, rows in by_tag.items():
-        written.append(plot_dice_vs_labelled(rows, tag, out_dir))
+        written.append(plot_dice_vs_labelled(rows, tag, out_dir, controls))
         evaluated = defaultdict(list)
         for row in rows:
             if row.runs:
