@@ -58,6 +58,14 @@ def test_runs_are_costed_by_median_and_unfinished_ones_named(tmp_path):
     assert "Not finished (left out): `seed1/UGPL_4/vnet`" in document
 
 
+def test_the_log_of_a_real_run_is_read(finished):
+    """The patterns follow the log a training run writes (utils.run.LOG_FORMAT and its lines), not only the
+    fabricated logs above: a 2-iteration run is costed from its one step."""
+    costs, unfinished = run_costs(finished.parent)
+    assert [(cost.run, cost.iterations) for cost in costs] == [("vnet", 2)] and unfinished == []
+    assert costs[0].seconds_per_iteration > 0
+
+
 def test_a_folder_without_a_finished_run_is_one_line(tmp_path):
     assert_one_line_error(call_main(main, tmp_path / "missing"), "not a folder of runs")
     write_log(tmp_path / "run", [ARGS, *log_lines(36000, 3, 1.0)])

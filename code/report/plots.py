@@ -87,14 +87,14 @@ def series_styles(labels, controls):
     method's control (``controls``: ``{control's label: method's label}``) its method's colour and marker,
     hollow and dashed, so that the two read as a pair (matplotlib's cycle repeats after ten colours, which would
     give a sixteen-series table two identical series)."""
+    def style(index):
+        return {"color": COLORS[index % len(COLORS)], "marker": MARKERS[index % len(MARKERS)]}
+
     methods = [label for label in labels if label not in controls]
-    styles = {label: {"color": COLORS[index % len(COLORS)], "marker": MARKERS[index % len(MARKERS)]}
-              for index, label in enumerate(methods)}
+    styles = {label: style(index) for index, label in enumerate(methods)}
     for offset, label in enumerate(label for label in labels if label in controls):
-        method = styles.get(controls[label])
-        if method is None:  # a control whose method was not evaluated: a style of its own, hollow
-            index = len(methods) + offset
-            method = {"color": COLORS[index % len(COLORS)], "marker": MARKERS[index % len(MARKERS)]}
+        # a control whose method was not evaluated gets a style of its own, hollow too
+        method = styles.get(controls[label]) or style(len(methods) + offset)
         styles[label] = {**method, "markerfacecolor": "white", "linestyle": "--"}
     return styles
 

@@ -26,7 +26,7 @@ from utils.errors import UserError  # noqa: E402
 
 LOG = "log.txt"
 DAY_SECONDS = 24 * 3600
-STAMP = re.compile(r"^\[(\d\d):(\d\d):(\d\d(?:\.\d+)?)\] (.*)$")
+STAMP = re.compile(r"^\[(\d\d):(\d\d):(\d\d(?:\.\d+)?)\] (.*)$")  # utils.run.LOG_FORMAT (not imported: it brings torch)
 ITERATION = re.compile(r"^iteration (\d+) : ")
 PROCESS_START = "Namespace("  # the first line each process writes (its arguments)
 FINISHED = re.compile(r"^training finished at iteration (\d+)")
