@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from report.same_weights import differences, model_tensors  # noqa: E402
 from utils.runtime import use_deterministic_algorithms  # noqa: E402
 
 
@@ -62,19 +63,23 @@ def device_env(device):
 
 
 def assert_same_models(expected, actual, device="cpu"):
-    """Two checkpoints' ``models`` (``{name: state dict}``) hold the same tensors: bitwise on the CPU, where a
-    deterministic run is exactly reproducible; on CUDA within float32 noise, since some CUDA kernels (5-D cross
-    entropy, trilinear upsampling and max-pool backward) accumulate in a varying order even with
-    ``--deterministic 1``."""
+    """Two checkpoints' ``models`` (``{name: state dict}``) hold the same tensors: bit for bit on the CPU (shape,
+    dtype and bytes, by :func:`report.same_weights.differences`), where a deterministic run is exactly
+    reproducible; on CUDA within float32 noise, since some CUDA kernels (5-D cross entropy, trilinear upsampling
+    and max-pool backward) accumulate in a varying order even with ``--deterministic 1``."""
+    if device == "cpu":
+        found = differences(*(model_tensors({"models": models}) for models in (expected, actual)))
+        assert not found, found
+        return
     assert expected.keys() == actual.keys()
     for name in expected:
         assert expected[name].keys() == actual[name].keys(), name
         for key in expected[name]:
             a, b = expected[name][key].cpu(), actual[name][key].cpu()
-            if device == "cpu" or not a.is_floating_point():
-                assert torch.equal(a, b), (name, key)
-            else:
+            if a.is_floating_point():
                 assert torch.allclose(a, b, rtol=1e-3, atol=1e-5), (name, key)
+            else:
+                assert torch.equal(a, b), (name, key)
 
 
 def load_saved(path):

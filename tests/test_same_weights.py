@@ -1,7 +1,8 @@
 """Bit-for-bit comparison of checkpoints (code/report/same_weights.py)."""
+import pytest
 import torch
 
-from conftest import assert_one_line_error, call_main
+from conftest import assert_one_line_error, assert_same_models, call_main
 from report.same_weights import differences, main
 from utils.checkpoint import save_checkpoint
 
@@ -52,3 +53,13 @@ def test_a_missing_or_foreign_file_is_one_line(tmp_path):
     assert_one_line_error(call_main(main, present, tmp_path / "missing.pth"), "not found")
     (tmp_path / "text.pth").write_text("not a checkpoint")
     assert_one_line_error(call_main(main, present, tmp_path / "text.pth"), "text.pth")
+
+
+def test_the_tests_helper_compares_bits_on_the_cpu():
+    """conftest.assert_same_models, which the resume and fault tests use, holds CPU runs to this tool's standard:
+    -0.0 is not 0.0 and float64 is not float32 (torch.equal would call both pairs equal)."""
+    same = {"model": {"w": torch.zeros(2)}}
+    assert_same_models(same, {"model": {"w": torch.zeros(2)}})
+    for other in (torch.tensor([0.0, -0.0]), torch.zeros(2, dtype=torch.float64)):
+        with pytest.raises(AssertionError, match="model/w"):
+            assert_same_models(same, {"model": {"w": other}})
