@@ -189,6 +189,23 @@ def kill_after_first_save(script, args, run_dir, device="cpu"):
     return latest
 
 
+def straight_and_resumed(script, args, run, iterations, tmp_path, device="cpu", resume_args=()):
+    """Train ``code/<script>`` with ``args`` (``--max_iterations iterations`` among them) twice: straight into
+    ``tmp_path/straight``, and into ``tmp_path/killed`` SIGKILLed after its first save, then resumed (with
+    ``resume_args`` added). ``run`` is the run folder below an output root. Returns the straight and the resumed
+    run's final ``models``, the killed run's ``latest.pth`` and the iteration it was killed at; the caller compares
+    the models with assert_same_models."""
+    run_main(script, *args, "--output_root", tmp_path / "straight", device=device, check=True)
+    killed = ["--output_root", tmp_path / "killed", *args]
+    latest = kill_after_first_save(script, killed, tmp_path / "killed" / run, device=device)
+    stopped_at = load_saved(latest)["iteration"]
+    final = f"iter_{iterations}.pth"
+    assert stopped_at < iterations and not (latest.parent / final).exists(), "the run finished before the kill"
+    run_main(script, *killed, "--resume", *resume_args, device=device, check=True)
+    straight = load_saved(tmp_path / "straight" / run / final)["models"]
+    return straight, load_saved(latest.parent / final)["models"], latest, stopped_at
+
+
 def assert_one_line_error(proc, *fragments):
     """The process failed as the README promises: exit status 2 and one ``error:`` line on stderr holding
     every fragment, without a traceback."""

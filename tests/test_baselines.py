@@ -8,7 +8,7 @@ import train_cps_3D as cps
 import train_dtc_3D as dtc
 import train_mt_3D as mt
 import train_uamt_3D as uamt
-from conftest import TINY, assert_same_models, kill_after_first_save, load_saved, read_summary, run_main
+from conftest import TINY, assert_same_models, load_saved, read_summary, run_main, straight_and_resumed
 from utils.ema import update_ema
 from utils.losses import compute_sdf
 from utils.ramps import LN2
@@ -184,13 +184,7 @@ def assert_network_flag_evaluates(run, own, other, default, cwd, device):
 def test_cps_killed_run_resumes_both_networks_and_optimisers(synthetic_root, tmp_path, device):
     common = ["--root_path", synthetic_root, "--labelnum", "4", "--labeled_bs", "1", "--max_iterations", "6",
               "--save_interval", "2", "--no_eval", "--n_filters", "4", *TINY]
-    run_main("train_cps_3D.py", *common, "--output_root", tmp_path / "straight", device=device, check=True)
-    killed = ["--output_root", tmp_path / "killed", *common]
-    latest = kill_after_first_save("train_cps_3D.py", killed, tmp_path / "killed/synthetic_LA/CPS_4/vnet",
-                                   device=device)
-    assert load_saved(latest)["iteration"] < 6
-    run_main("train_cps_3D.py", *killed, "--resume", device=device, check=True)
-    straight = load_saved(tmp_path / "straight/synthetic_LA/CPS_4/vnet/iter_6.pth")
-    resumed = load_saved(latest.parent / "iter_6.pth")
-    assert set(straight["models"]) == {"model1", "model2"}
-    assert_same_models(straight["models"], resumed["models"], device)
+    straight, resumed, _, _ = straight_and_resumed("train_cps_3D.py", common, "synthetic_LA/CPS_4/vnet", 6, tmp_path,
+                                                   device)
+    assert set(straight) == {"model1", "model2"}
+    assert_same_models(straight, resumed, device)

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from conftest import (CUDA_ABSENT, REAL_LA, REAL_LA_ABSENT, REPO_ROOT, TINY, assert_same_models,
-                      kill_after_first_save, load_saved, read_summary, run_main, run_script)
+from conftest import (CUDA_ABSENT, REAL_LA, REAL_LA_ABSENT, REPO_ROOT, TINY, assert_same_models, load_saved,
+                      read_summary, run_main, run_script, straight_and_resumed)
 from dataloaders.la_heart import read_list
 
 TRAIN = "train_supervised_3D.py"
@@ -58,21 +58,12 @@ def test_test_3d_options_write_new_folders(synthetic_root, tmp_path):
     assert nib.load(str(eval_dir / f"{case}_pred.nii.gz")).shape == nib.load(str(eval_dir / f"{case}_gt.nii.gz")).shape
 
 
-def _final_weights(run):
-    return load_saved(run / "iter_12.pth")["models"]
-
-
 def test_killed_run_resumes_to_the_same_weights(synthetic_root, tmp_path, device):
     common = ["--root_path", synthetic_root, "--labelnum", "4", "--max_iterations", "12", "--save_interval", "4",
               "--no_eval", *TINY]
-    run_main(TRAIN, *common, "--output_root", tmp_path / "straight", device=device, check=True)
-    interrupted = ["--output_root", tmp_path / "killed", *common]
-    latest = kill_after_first_save(TRAIN, interrupted, run_dir(tmp_path / "killed", 4), device=device)
-    stopped_at = load_saved(latest)["iteration"]
-    assert stopped_at < 12, "the run finished before it could be killed"
-    assert not (latest.parent / "iter_12.pth").exists()
-    run_main(TRAIN, *interrupted, "--resume", "--num_workers", "2", device=device, check=True)
-    assert_same_models(_final_weights(run_dir(tmp_path / "straight", 4)), _final_weights(latest.parent), device)
+    straight, resumed, latest, stopped_at = straight_and_resumed(
+        TRAIN, common, "synthetic_LA/Supervised_4/vnet", 12, tmp_path, device, resume_args=["--num_workers", "2"])
+    assert_same_models(straight, resumed, device)
     assert f"resumed from {latest} at iteration {stopped_at}" in (latest.parent / "log.txt").read_text()
 
 

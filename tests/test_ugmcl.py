@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import train_ugmcl_3D as ugmcl
-from conftest import (REAL_LA, REAL_LA_ABSENT, TINY, assert_one_line_error, assert_same_models, kill_after_first_save,
-                      load_saved, read_summary, run_main)
+from conftest import (REAL_LA, REAL_LA_ABSENT, TINY, assert_one_line_error, assert_same_models, read_summary, run_main,
+                      straight_and_resumed)
 from dataloaders.la_heart import LAHeart
 from dataloaders.registry import get_dataset_spec
 from dataloaders.training_data import build_training_data
@@ -175,13 +175,8 @@ def test_script_trains_evaluates_and_test_3d_reproduces(synthetic_root, tmp_path
 def test_killed_run_resumes_to_the_same_student_and_teacher(synthetic_root, tmp_path, device):
     common = ["--root_path", synthetic_root, "--labelnum", "4", "--labeled_bs", "1", "--max_iterations", "6",
               "--save_interval", "2", "--mc_samples", "2", "--no_eval", "--n_filters", "4", *TINY]
-    run_main(SCRIPT, *common, "--output_root", tmp_path / "straight", device=device, check=True)
-    killed = ["--output_root", tmp_path / "killed", *common]
-    latest = kill_after_first_save(SCRIPT, killed, tmp_path / "killed/synthetic_LA/UGMCL_4/vnet_sdf", device=device)
-    assert load_saved(latest)["iteration"] < 6
-    run_main(SCRIPT, *killed, "--resume", device=device, check=True)
-    straight = load_saved(tmp_path / "straight/synthetic_LA/UGMCL_4/vnet_sdf/iter_6.pth")["models"]
-    resumed = load_saved(latest.parent / "iter_6.pth")["models"]
+    straight, resumed, _, _ = straight_and_resumed(SCRIPT, common, "synthetic_LA/UGMCL_4/vnet_sdf", 6, tmp_path,
+                                                   device)
     assert set(straight) == {"model", "ema_model"}
     assert_same_models(straight, resumed, device)
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import train_ugpl_3D as ugpl
-from conftest import (REAL_LA, REAL_LA_ABSENT, TINY, assert_one_line_error, assert_same_models, kill_after_first_save,
-                      load_saved, read_summary, run_main)
+from conftest import (REAL_LA, REAL_LA_ABSENT, TINY, assert_one_line_error, assert_same_models, read_summary, run_main,
+                      straight_and_resumed)
 from dataloaders.la_heart import LAHeart
 from dataloaders.transforms import CenterCrop
 from networks.net_factory_3d import net_factory_3d
@@ -238,14 +238,8 @@ def test_killed_run_resumes_to_the_same_weights(synthetic_root, tmp_path, device
     iterations leave room for a kill that lands late on a loaded machine."""
     common = ["--root_path", synthetic_root, "--labelnum", "4", "--labeled_bs", "1", "--max_iterations", "4",
               "--save_interval", "1", "--no_eval", "--n_filters", "4", *TINY]
-    run_main(SCRIPT, *common, "--output_root", tmp_path / "straight", device=device, check=True)
-    killed = ["--output_root", tmp_path / "killed", *common]
-    latest = kill_after_first_save(SCRIPT, killed, tmp_path / "killed" / "synthetic_LA/UGPL_4/resnet_vnet",
-                                   device=device)
-    assert load_saved(latest)["iteration"] < 4, "the run finished before it could be killed"
-    run_main(SCRIPT, *killed, "--resume", device=device, check=True)
-    straight = load_saved(tmp_path / "straight/synthetic_LA/UGPL_4/resnet_vnet/iter_4.pth")["models"]
-    resumed = load_saved(latest.parent / "iter_4.pth")["models"]
+    straight, resumed, _, _ = straight_and_resumed(SCRIPT, common, "synthetic_LA/UGPL_4/resnet_vnet", 4, tmp_path,
+                                                   device)
     assert set(straight) == {"subnet_a", "subnet_b"}
     assert_same_models(straight, resumed, device)
 
