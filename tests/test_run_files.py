@@ -6,11 +6,13 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, held_by_another_process
-from report import summarize
+from conftest import REPO_ROOT, call_main, held_by_another_process
+from report import summarize, wall_times
+from report.wall_times import COST
 from report.paired import compare
 
 SUMMARIZE = REPO_ROOT / "code" / "report" / "summarize.py"
@@ -106,7 +108,7 @@ def test_each_method_is_compared_with_its_own_control(model_dir, tmp_path):
 def test_the_run_files_alone_give_the_same_table(model_dir, tmp_path, monkeypatch):
     """``--run_files`` copies config.json and the evaluations' summary.json and metrics.csv (no weights, no logs)
     with the table's title, note and file; ``summarize.py --model_dir <run files>`` then writes the same document
-    from them alone, and a run removed from the model folder leaves no files behind at the next export."""
+    from them alone."""
     monkeypatch.setattr(summarize, "REPO_ROOT", tmp_path)
     files, out = tmp_path / "results" / "LA_half_quick", tmp_path / "docs" / "results_quick.md"
     summarize.main(["--model_dir", str(model_dir), "--run_files", str(files), "--out", str(out), "--title", "T",
@@ -121,10 +123,54 @@ def test_the_run_files_alone_give_the_same_table(model_dir, tmp_path, monkeypatc
     out.unlink()
     summarize.main(["--model_dir", str(files)])
     assert out.read_text(encoding="utf-8") == first
-    shutil.rmtree(model_dir / "LA_half_quick_seed2024" / "MT_control_4")
+
+
+def test_a_run_the_model_folder_lost_keeps_its_run_files_and_a_run_trained_again_replaces_them(
+        model_dir, tmp_path, monkeypatch, capsys):
+    """A table that grows across machines: the next export keeps the committed files of a run whose folder the
+    model folder no longer holds (and says so), takes a run the model folder holds from there, and drops a run only
+    when its folder of run files is removed."""
+    monkeypatch.setattr(summarize, "REPO_ROOT", tmp_path)
+    files, out = tmp_path / "results" / "LA_half_quick", tmp_path / "docs" / "results_quick.md"
+    summarize.main(["--model_dir", str(model_dir), "--run_files", str(files), "--out", str(out)])
+    first = out.read_text(encoding="utf-8")
+    lost = Path("LA_half_quick_seed2024") / "MT_control_4" / "vnet"
+    shutil.rmtree(model_dir / lost.parent)
+    retrained = model_dir / "LA_half_quick_seed2024" / "MT_4" / "vnet" / f"eval_iter_{ITERATIONS}" / "metrics.csv"
+    retrained.write_text(retrained.read_text(encoding="utf-8").replace("0.71,", "0.91,"), encoding="utf-8")
+    capsys.readouterr()
     summarize.main(["--model_dir", str(model_dir), "--run_files", str(files)])
-    assert not (files / "LA_half_quick_seed2024" / "MT_control_4").exists()
-    assert "from 7 runs under" in out.read_text(encoding="utf-8")
+    assert f"kept the run files of 1 runs that {model_dir} does not hold: {lost.as_posix()}" in capsys.readouterr().out
+    assert (files / lost / f"eval_iter_{ITERATIONS}" / "metrics.csv").is_file()
+    assert (files / "LA_half_quick_seed2024" / "MT_4" / "vnet" / retrained.parent.name / "metrics.csv").read_text(
+        encoding="utf-8") == retrained.read_text(encoding="utf-8")
+    second = out.read_text(encoding="utf-8")
+    assert "from 8 runs under" in second and second != first
+    shutil.rmtree(files / lost.parent)
+    summarize.main(["--model_dir", str(model_dir), "--run_files", str(files)])
+    assert "from 7 runs under" in out.read_text(encoding="utf-8") and not (files / lost.parent).exists()
+
+
+def test_the_run_files_keep_each_runs_cost_and_the_cost_document_comes_from_them(model_dir, tmp_path,
+                                                                                  monkeypatch):
+    """A run whose log says it finished gets a cost.json in its run files (the logs are not kept), and
+    wall_times.py writes the same document from the run files as from the model folder, also once the model
+    folder is gone."""
+    monkeypatch.setattr(summarize, "REPO_ROOT", tmp_path)
+    for unfinished in model_dir.rglob("log.txt"):
+        unfinished.unlink()
+    log = model_dir / "LA_half_quick_seed1337" / "MT_4" / "vnet" / "log.txt"
+    log.write_text("[10:00:00.000] Namespace(dataset='LA')\n" + "".join(
+        f"[10:00:{2 * i:02d}.000] iteration {i} : loss : 0.5\n" for i in range(1, 6))
+        + "[10:01:00.000] training finished at iteration 50; weights in x\n", encoding="utf-8")
+    files = tmp_path / "files"
+    summarize.main(["--model_dir", str(model_dir), "--run_files", str(files), "--out", str(tmp_path / "t.md")])
+    assert sorted(p.parent.relative_to(files).as_posix() for p in files.rglob(COST)) == [
+        "LA_half_quick_seed1337/MT_4/vnet"]
+    from_logs = call_main(wall_times.main, model_dir, check=True).stdout
+    shutil.rmtree(model_dir)
+    assert call_main(wall_times.main, files, check=True).stdout == from_logs
+    assert "| LA_half_quick_seed1337/MT_4/vnet | 50 | 2.00 | 0.03 |" in from_logs
 
 
 def test_run_files_kept_while_a_run_trains_leave_it_out_and_say_so(model_dir, tmp_path, monkeypatch):
@@ -180,3 +226,12 @@ def test_the_result_figures_come_from_the_run_files_alone(model_dir, tmp_path, m
     assert sorted(p.name for p in out.glob("*.png")) == [
         "dice_vs_labelled_LA_half_quick.png", "paired_LA_half_quick_4.png", "paired_control_LA_half_quick_4.png"]
     assert "Traceback" not in proc.stderr and "overlay" in proc.stderr
+
+
+def test_the_cpu_tables_cost_comes_from_its_run_files():
+    """Every run row of docs/cost_quick.md is what wall_times.py reads from the committed run files
+    (results/LA_half_quick: each run's cost.json), and every run of those files with a cost has its row."""
+    committed = [line for line in (REPO_ROOT / "docs" / "cost_quick.md").read_text(encoding="utf-8").splitlines()
+                 if line.startswith("| LA_half_quick")]
+    generated = call_main(wall_times.main, REPO_ROOT / "results" / "LA_half_quick", check=True).stdout
+    assert committed == [line for line in generated.splitlines() if line.startswith("| LA_half_quick")]

@@ -2,7 +2,7 @@
 import pytest
 
 from conftest import assert_one_line_error, call_main
-from report.wall_times import finished_iterations, iteration_seconds, main, run_costs
+from report.wall_times import COST, finished_iterations, iteration_seconds, main, run_costs, write_cost
 
 ARGS = "[10:00:00.000] Namespace(dataset='LA')"
 
@@ -70,3 +70,14 @@ def test_a_folder_without_a_finished_run_is_one_line(tmp_path):
     assert_one_line_error(call_main(main, tmp_path / "missing"), "not a folder of runs")
     write_log(tmp_path / "run", [ARGS, *log_lines(36000, 3, 1.0)])
     assert_one_line_error(call_main(main, tmp_path), "no finished run")
+
+
+def test_a_run_without_its_log_is_costed_from_its_cost_json_and_a_broken_one_is_one_line(tmp_path):
+    write_log(tmp_path / "seed1/MT_4/vnet", [ARGS, *log_lines(36000, 3, 2.0),
+                                             "[11:00:00.000] training finished at iteration 1800"])
+    (cost,), _ = run_costs(tmp_path)
+    write_cost(cost, tmp_path / "seed1/MT_4/vnet")
+    (tmp_path / "seed1/MT_4/vnet/log.txt").unlink()
+    assert run_costs(tmp_path) == ([cost], [])
+    (tmp_path / "seed1/MT_4/vnet" / COST).write_text("{\"iterations\": 1800}", encoding="utf-8")
+    assert_one_line_error(call_main(main, tmp_path), "cost.json cannot be read")

@@ -49,6 +49,7 @@ from utils.own_result import own_evaluation  # noqa: E402
 from utils.run_files import BEST_VAL  # noqa: E402
 from report.paired import (BOOTSTRAP_RESAMPLES, better_in_every_seed, compare, metrics_rows,  # noqa: E402
                            paired_differences)
+from report.wall_times import COST, LOG, run_cost, write_cost  # noqa: E402
 
 FAILED = "failed / not evaluated"
 TRAINING = "training"  # a run without a result whose folder a live process holds
@@ -761,11 +762,14 @@ def render(results, title, note=None, model_label=None, left_out=()):
 def export_run_files(results, out, table):
     """Copy, for every run of ``results``, the small files that define its numbers into ``out`` (the run
     folders' layout kept): ``config.json``, and ``summary.json`` and ``metrics.csv`` of the evaluation the table
-    uses and of the one of ``best_val.pth``, with the ``git.diff`` of each where the code had uncommitted edits;
-    no weights, no logs. A run that a live process still trains has no numbers yet: it is left out, and named in
-    ``table`` (title, note, out, left out), which goes to ``out/table.json``, so that ``summarize.py --model_dir
-    <out>`` writes the same document again without training. ``out`` is replaced as a whole (built beside it,
-    then swapped in), so that a run no longer in the results leaves no files behind. Returns the runs left out."""
+    uses and of the one of ``best_val.pth``, with the ``git.diff`` of each where the code had uncommitted edits,
+    and what the run cost to train (``cost.json``, from its log: ``wall_times.py``); no weights, no logs. A run
+    that a live process still trains has no numbers yet: it is left out, and named in ``table`` (title, note, out,
+    left out), which goes to ``out/table.json``, so that ``summarize.py --model_dir <out>`` writes the same
+    document again without training. The run files already in ``out`` of a run that the model folder no longer
+    holds (its weights deleted, a new machine) are kept as they are: a table grows across machines, and a result
+    leaves it only when its folder in ``out`` is removed. ``out`` is replaced as a whole (built beside it, then
+    swapped in). Returns the runs left out and the runs kept from ``out``."""
     staging, previous = out.with_name(out.name + ".new"), out.with_name(out.name + ".old")
     for folder in (staging, previous):
         shutil.rmtree(folder, ignore_errors=True)
@@ -774,22 +778,37 @@ def export_run_files(results, out, table):
     for run in (run for run in runs if not run.training):
         destination = staging / run.name
         destination.mkdir(parents=True, exist_ok=True)
-        for name in ("config.json", "git.diff"):
+        for name in ("config.json", "git.diff", COST):
             if (run.path / name).is_file():
                 shutil.copy2(run.path / name, destination / name)
+        cost = run_cost(run.path, run.name) if (run.path / LOG).is_file() else None
+        if cost is not None:
+            write_cost(cost, destination)
         for folder in (run.eval_dir, run.best_dir):
             if folder is not None:
                 (destination / folder.name).mkdir()
                 for name in EVALUATION_FILES:
                     if (folder / name).is_file():
                         shutil.copy2(folder / name, destination / folder.name / name)
+    kept = runs_only_in(out, results.model_dir)
+    for folder in kept:
+        shutil.copytree(folder, staging / folder.relative_to(out))
     staging.mkdir(parents=True, exist_ok=True)
     (staging / TABLE_FILE).write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
     if out.exists():
         out.rename(previous)
     staging.rename(out)
     shutil.rmtree(previous, ignore_errors=True)
-    return table["left_out"]
+    return table["left_out"], [folder.relative_to(out).as_posix() for folder in kept]
+
+
+def runs_only_in(files, model_dir):
+    """The run folders of the run files ``files`` whose run the model folder does not hold (none where ``files``
+    does not exist yet or is the model folder itself)."""
+    if not files.is_dir() or files.resolve() == Path(model_dir).resolve():
+        return []
+    held = {folder.relative_to(model_dir) for folder in find_run_dirs(model_dir)}
+    return [folder for folder in find_run_dirs(files) if folder.relative_to(files) not in held]
 
 
 def table_settings(folder, args):
@@ -833,7 +852,8 @@ def get_parser():
                         help="first copy the files that define every run's numbers (config.json, the evaluations' "
                              "summary.json and metrics.csv) into this folder, relative to the repository root, "
                              "and make the table from it: the folder is committed beside the table, and "
-                             "`summarize.py --model_dir <folder>` writes the table again without training")
+                             "`summarize.py --model_dir <folder>` writes the table again without training; the "
+                             "files there of runs that --model_dir does not hold are kept")
     return parser
 
 
@@ -844,7 +864,9 @@ def main(argv=None):
     if args.run_files:
         model_dir = output_path(args.run_files)
         settings = table_settings(model_dir, args)
-        settings["left_out"] = export_run_files(results, model_dir, settings)
+        settings["left_out"], kept = export_run_files(results, model_dir, settings)
+        if kept:
+            print(f"kept the run files of {len(kept)} runs that {args.model_dir} does not hold: {', '.join(kept)}")
         results = collect(model_dir)
     else:
         settings = table_settings(model_dir, args)
