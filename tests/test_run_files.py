@@ -140,7 +140,7 @@ def test_a_run_the_model_folder_lost_keeps_its_run_files_and_a_run_trained_again
     retrained.write_text(retrained.read_text(encoding="utf-8").replace("0.71,", "0.91,"), encoding="utf-8")
     capsys.readouterr()
     summarize.main(["--model_dir", str(model_dir), "--run_files", str(files)])
-    assert f"kept the run files of 1 runs that {model_dir} does not hold: {lost.as_posix()}" in capsys.readouterr().out
+    assert f"kept the run files of 1 run that {model_dir} does not hold: {lost.as_posix()}" in capsys.readouterr().out
     assert (files / lost / f"eval_iter_{ITERATIONS}" / "metrics.csv").is_file()
     assert (files / "LA_half_quick_seed2024" / "MT_4" / "vnet" / retrained.parent.name / "metrics.csv").read_text(
         encoding="utf-8") == retrained.read_text(encoding="utf-8")

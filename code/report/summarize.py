@@ -866,7 +866,8 @@ def main(argv=None):
         settings = table_settings(model_dir, args)
         settings["left_out"], kept = export_run_files(results, model_dir, settings)
         if kept:
-            print(f"kept the run files of {len(kept)} runs that {args.model_dir} does not hold: {', '.join(kept)}")
+            print(f"kept the run files of {len(kept)} run{'s' * (len(kept) != 1)} that {args.model_dir} does not "
+                  f"hold: {', '.join(kept)}")
         results = collect(model_dir)
     else:
         settings = table_settings(model_dir, args)
