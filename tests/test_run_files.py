@@ -173,19 +173,26 @@ def test_the_run_files_keep_each_runs_cost_and_the_cost_document_comes_from_them
     assert "| LA_half_quick_seed1337/MT_4/vnet | 50 | 2.00 | 0.03 |" in from_logs
 
 
-def test_run_files_kept_while_a_run_trains_leave_it_out_and_say_so(model_dir, tmp_path, monkeypatch):
-    """A table committed mid-protocol: the run that a live process trains has no numbers yet, so its files are
-    not kept (they would read as a failed run), and the document names it, also when rebuilt from the files."""
+@pytest.mark.parametrize("state", ["training", "stopped"])
+def test_run_files_kept_while_a_run_is_unfinished_leave_it_out_and_say_so(model_dir, tmp_path, monkeypatch, state):
+    """A table committed mid-protocol: the run that a live process trains, or that a signal stopped before its
+    final weights (latest.pth kept, to be resumed in a later session), has no numbers yet, so its files are not
+    kept (they would read as a failed run), and the document names it, also when rebuilt from the files."""
     monkeypatch.setattr(summarize, "REPO_ROOT", tmp_path)
-    training = model_dir / "LA_half_quick_seed2024" / "MT_control_4" / "vnet"
-    shutil.rmtree(training / f"eval_iter_{ITERATIONS}")
+    unfinished = model_dir / "LA_half_quick_seed2024" / "MT_control_4" / "vnet"
+    shutil.rmtree(unfinished / f"eval_iter_{ITERATIONS}")
     files, out = tmp_path / "results" / "LA_half_quick", tmp_path / "docs" / "results_quick.md"
-    with held_by_another_process(training):
-        summarize.main(["--model_dir", str(model_dir), "--run_files", str(files), "--out", str(out)])
+    arguments = ["--model_dir", str(model_dir), "--run_files", str(files), "--out", str(out)]
+    if state == "training":
+        with held_by_another_process(unfinished):
+            summarize.main(arguments)
+    else:
+        (unfinished / f"iter_{ITERATIONS}.pth").rename(unfinished / "latest.pth")
+        summarize.main(arguments)
     first = out.read_text(encoding="utf-8")
     assert not (files / "LA_half_quick_seed2024" / "MT_control_4").exists()
-    assert "from 7 runs under `results/LA_half_quick`. Left out: 1 run still training when these run files were " \
-           "kept (`LA_half_quick_seed2024/MT_control_4/vnet`)." in first
+    assert "from 7 runs under `results/LA_half_quick`. Left out: 1 run unfinished (training, or stopped to be " \
+           "resumed) when these run files were kept (`LA_half_quick_seed2024/MT_control_4/vnet`)." in first
     assert "failed" not in first
     out.unlink()
     summarize.main(["--model_dir", str(files)])

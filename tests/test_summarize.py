@@ -240,6 +240,33 @@ def test_a_run_that_a_live_process_trains_is_training_not_failed(tmp_path):
     row = next(line for line in out.read_text(encoding="utf-8").splitlines() if line.startswith("| LA | UG-MCL |"))
     assert "| failed / not evaluated | failed / not evaluated |" in row and "(failed 1337)" in row
 
+
+def test_a_run_stopped_before_its_end_with_a_checkpoint_is_unfinished_not_failed(tmp_path):
+    """A run stopped by a signal at the end of a session (latest.pth, no final weights, no live process) is
+    "unfinished" and its note says how it continues; one that stopped before its first save has nothing to
+    resume from and stays "failed", as does one whose final weights were never evaluated."""
+    root, model_dir = data_and_model_dirs(tmp_path)
+    make_run(model_dir, root, SUPERVISED, 8, 1337)
+    run = make_run(model_dir, root, UGMCL, 8, 1337, state="config")
+    out = tmp_path / "results.md"
+
+    def ugmcl_row():
+        summarize.main(["--model_dir", str(model_dir), "--out", str(out)])
+        text = out.read_text(encoding="utf-8")
+        return next(line for line in text.splitlines() if line.startswith("| LA | UG-MCL |")), text
+
+    row, _ = ugmcl_row()
+    assert "| failed / not evaluated |" in row and "(failed 1337)" in row
+    (run / "latest.pth").write_bytes(b"state")
+    row, text = ugmcl_row()
+    assert "| unfinished | unfinished | unfinished | unfinished | 0 of 1 (unfinished 1337) |" in row
+    assert (f"`LA_seed1337/UGMCL_8/vnet_sdf` (seed 1337): unfinished: stopped before iter_{ITERATIONS}.pth, no "
+            "number yet; `--resume` (or the same reproduce.sh command) continues it from latest.pth") in text
+    assert "failed" not in row
+    (run / f"iter_{ITERATIONS}.pth").write_bytes(b"")
+    row, _ = ugmcl_row()
+    assert "| failed / not evaluated |" in row and "(failed 1337)" in row
+
 @pytest.mark.parametrize("make_dir, message", [(False, "error: model folder "), (True, "error: no runs under ")])
 def test_cli_one_line_error(tmp_path, make_dir, message):
     model_dir = tmp_path / "model"

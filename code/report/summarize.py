@@ -11,8 +11,9 @@ row per (data tag, method, labelled count, protocol): each metric cell is the me
 deviation (n - 1) over seeds of the per-run test-set means, read from the ``summary.json`` of the run's own result:
 the evaluation of its own final weights, with the method's inference, on the whole test list, as recorded
 (``utils.own_result``). A run without one (training failed or unfinished, or never evaluated) is reported as
-"failed / not evaluated" with its reason, or as "training" while a live process holds its folder, and never
-contributes a number; every other evaluation in a run folder is listed under the table with why it is not the run's
+"failed / not evaluated" with its reason, as "training" while a live process holds its folder, or as
+"unfinished" when it stopped before its last iteration with a resumable ``latest.pth`` (a signal at the end of a
+session: ``--resume`` continues it), and never contributes a number; every other evaluation in a run folder is listed under the table with why it is not the run's
 result. Folders moved aside by ``--overwrite`` (``<run>.old-<time>``) are not runs of the summary.
 
 Below the table, each method is compared case by case with the labelled-only V-Net (and the all-labels V-Net
@@ -46,13 +47,14 @@ from utils.cli import REPO_ROOT, ArgumentParser, output_path, resolve_path, run_
 from utils.errors import UserError  # noqa: E402
 from utils.folder_lock import live_holder  # noqa: E402
 from utils.own_result import own_evaluation  # noqa: E402
-from utils.run_files import BEST_VAL  # noqa: E402
+from utils.run_files import BEST_VAL, LATEST  # noqa: E402
 from report.paired import (BOOTSTRAP_RESAMPLES, better_in_every_seed, compare, metrics_rows,  # noqa: E402
                            paired_differences)
 from report.wall_times import COST, LOG, run_cost, write_cost  # noqa: E402
 
 FAILED = "failed / not evaluated"
 TRAINING = "training"  # a run without a result whose folder a live process holds
+UNFINISHED = "unfinished"  # a run stopped before its final checkpoint, with a latest.pth to resume from
 CONTROL_SUFFIX = "_control"  # reproduce.sh's experiment name of a method's control: MT_control
 EVALUATION_FILES = ("summary.json", "metrics.csv", "git.diff")  # what run files keep of an evaluation (a diff:
 # the code's uncommitted edits, when there were any)
@@ -168,6 +170,7 @@ class Run:
     listed_cases: int = None  # cases of the training list the run read (config.json), where it recorded them
     set_apart: list = field(default_factory=list)  # evaluations that are not the run's own result (own_result)
     training: str = None  # who holds the folder, for a run without a result that a live process trains
+    unfinished: bool = False  # stopped (no live process) before its final checkpoint, resumable from latest.pth
 
     @property
     def seed(self):
@@ -190,6 +193,11 @@ class Run:
     @property
     def final_checkpoint(self):
         return f"iter_{self.args['max_iterations']}.pth"
+
+    @property
+    def in_progress(self):
+        """A run without a result that has not ended: training now, or stopped to be resumed."""
+        return bool(self.training) or self.unfinished
 
 
 @dataclass
@@ -290,11 +298,18 @@ def read_run(run_dir, model_dir):
     run.problem, run.set_apart = final.reason, final.others
     if not final.chosen:
         run.training = live_holder(run_dir)
+        run.unfinished = not run.training and is_resumable(run_dir, run.final_checkpoint)
     best = own_evaluation(run_dir, args, BEST_VAL)
     if best.chosen:
         run.best_dir, run.best_summary = best.chosen.folder, best.chosen.summary
     run.set_apart = run.set_apart + best.others
     return run
+
+
+def is_resumable(run_dir, final_checkpoint):
+    """Whether a run stopped before its final checkpoint and can continue: ``latest.pth`` is there, the final
+    weights are not (what a run stopped by a signal, or killed after its first save, leaves)."""
+    return (run_dir / LATEST).is_file() and not (run_dir / final_checkpoint).is_file()
 
 
 def count_training_cases(run):
@@ -425,6 +440,9 @@ def run_notes(runs):
     for run in runs:
         if run.training:
             notes.append(f"`{run.name}` (seed {run.seed}): {TRAINING} ({run.training.split(' (')[0]}), no number yet")
+        elif run.unfinished:
+            notes.append(f"`{run.name}` (seed {run.seed}): {UNFINISHED}: stopped before {run.final_checkpoint}, "
+                         f"no number yet; `--resume` (or the same reproduce.sh command) continues it from {LATEST}")
         elif run.summary is None:
             notes.append(f"`{run.name}` (seed {run.seed}): {FAILED}: {run.problem}")
         elif run.summary.get("num_empty_pred"):
@@ -640,23 +658,27 @@ def seed_statistic(values, scale):
 
 
 def metric_cells(row):
-    """The four metric cells of a row, or "failed / not evaluated" ("training" while each of its runs trains) when
-    no run of it has a number."""
+    """The four metric cells of a row, or "failed / not evaluated" when no run of it has a number ("training"
+    while each of its runs trains, "unfinished" when each trains or stopped to be resumed)."""
     if not row.runs:
-        return [TRAINING if all(run.training for run in row.failed) else FAILED] * len(METRIC_COLUMNS)
+        state = (TRAINING if all(run.training for run in row.failed)
+                 else UNFINISHED if all(run.in_progress for run in row.failed) else FAILED)
+        return [state] * len(METRIC_COLUMNS)
     return [seed_statistic([run.summary[key]["mean"] for run in row.runs], scale)
             for key, _, scale in METRIC_COLUMNS]
 
 
 def seeds_cell(row):
     """``2 of 3 (missing 42)``: evaluated seeds out of every seed seen for the data tag, and which of the
-    others failed, are training or have no run at all."""
+    others failed, are training, stopped to be resumed or have no run at all."""
     evaluated = {run.seed for run in row.runs}
-    failed = [run.seed for run in row.failed if not run.training]
+    failed = [run.seed for run in row.failed if not run.in_progress]
     training = [run.seed for run in row.failed if run.training]
-    missing = [s for s in row.tag_seeds if s not in evaluated and s not in failed + training]
+    unfinished = [run.seed for run in row.failed if run.unfinished]
+    missing = [s for s in row.tag_seeds if s not in evaluated and s not in failed + training + unfinished]
     details = [f"{what} {', '.join(map(str, seeds))}"
-               for what, seeds in (("failed", failed), (TRAINING, training), ("missing", missing)) if seeds]
+               for what, seeds in (("failed", failed), (TRAINING, training), (UNFINISHED, unfinished),
+                                   ("missing", missing)) if seeds]
     cell = f"{len(evaluated)} of {len(row.tag_seeds)}"
     return f"{cell} ({'; '.join(details)})" if details else cell
 
@@ -709,12 +731,13 @@ def table_lines(rows):
 
 def render(results, title, note=None, model_label=None, left_out=()):
     """The whole markdown document: title, how to read the table, the table, the notes. ``left_out``: the runs
-    that were still training when the run files were kept (:func:`export_run_files`)."""
+    that were still training, or stopped to be resumed, when the run files were kept (:func:`export_run_files`)."""
     lines = [f"# {title}", ""]
     if note:
         lines += [note, ""]
-    training = (f" Left out: {len(left_out)} run{'s' * (len(left_out) != 1)} still training when these run files "
-                f"were kept ({', '.join(f'`{name}`' for name in left_out)}).") if left_out else ""
+    training = (f" Left out: {len(left_out)} run{'s' * (len(left_out) != 1)} unfinished (training, or stopped to "
+                f"be resumed) when these run files were kept ({', '.join(f'`{name}`' for name in left_out)})."
+                ) if left_out else ""
     lines += [f"Generated by `python code/report/summarize.py` from {results.num_runs} runs under "
               f"`{model_label or results.model_dir}`.{training}"
               " Each cell: mean ± standard deviation over seeds (sample, n - 1; \"–\" with one seed) of the "
@@ -764,7 +787,8 @@ def export_run_files(results, out, table):
     folders' layout kept): ``config.json``, and ``summary.json`` and ``metrics.csv`` of the evaluation the table
     uses and of the one of ``best_val.pth``, with the ``git.diff`` of each where the code had uncommitted edits,
     and what the run cost to train (``cost.json``, from its log: ``wall_times.py``); no weights, no logs. A run
-    that a live process still trains has no numbers yet: it is left out, and named in ``table`` (title, note, out,
+    that a live process still trains, or that stopped before its end to be resumed, has no numbers yet: it is
+    left out, and named in ``table`` (title, note, out,
     left out), which goes to ``out/table.json``, so that ``summarize.py --model_dir <out>`` writes the same
     document again without training. The run files already in ``out`` of a run that the model folder no longer
     holds (its weights deleted, a new machine) are kept as they are: a table grows across machines, and a result
@@ -774,8 +798,8 @@ def export_run_files(results, out, table):
     for folder in (staging, previous):
         shutil.rmtree(folder, ignore_errors=True)
     runs = [run for row in results.rows for run in row.runs + row.failed]
-    table = {**table, "left_out": [run.name for run in runs if run.training]}
-    for run in (run for run in runs if not run.training):
+    table = {**table, "left_out": [run.name for run in runs if run.in_progress]}
+    for run in (run for run in runs if not run.in_progress):
         destination = staging / run.name
         destination.mkdir(parents=True, exist_ok=True)
         for name in ("config.json", "git.diff", COST):
@@ -812,7 +836,7 @@ def runs_only_in(files, model_dir):
 
 
 def table_settings(folder, args):
-    """Title, note and output file of the document (and the runs left out as still training): the flags given,
+    """Title, note and output file of the document (and the runs left out as unfinished): the flags given,
     else those ``table.json`` of a folder of run files records (:func:`export_run_files`; ``folder``, the one read
     or the one written), else the defaults (``results.md`` in ``folder``, so that a bare call never overwrites a
     committed table)."""
