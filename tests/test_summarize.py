@@ -267,6 +267,7 @@ def test_a_run_stopped_before_its_end_with_a_checkpoint_is_unfinished_not_failed
     row, _ = ugmcl_row()
     assert "| failed / not evaluated |" in row and "(failed 1337)" in row
 
+
 @pytest.mark.parametrize("make_dir, message", [(False, "error: model folder "), (True, "error: no runs under ")])
 def test_cli_one_line_error(tmp_path, make_dir, message):
     model_dir = tmp_path / "model"

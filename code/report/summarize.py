@@ -13,8 +13,9 @@ the evaluation of its own final weights, with the method's inference, on the who
 (``utils.own_result``). A run without one (training failed or unfinished, or never evaluated) is reported as
 "failed / not evaluated" with its reason, as "training" while a live process holds its folder, or as
 "unfinished" when it stopped before its last iteration with a resumable ``latest.pth`` (a signal at the end of a
-session: ``--resume`` continues it), and never contributes a number; every other evaluation in a run folder is listed under the table with why it is not the run's
-result. Folders moved aside by ``--overwrite`` (``<run>.old-<time>``) are not runs of the summary.
+session: ``--resume`` continues it), and never contributes a number; every other evaluation in a run folder is
+listed under the table with why it is not the run's result. Folders moved aside by ``--overwrite``
+(``<run>.old-<time>``) are not runs of the summary.
 
 Below the table, each method is compared case by case with the labelled-only V-Net (and the all-labels V-Net
 with it: the band), and each semi-supervised method with its matched control (its own script with
@@ -788,12 +789,11 @@ def export_run_files(results, out, table):
     uses and of the one of ``best_val.pth``, with the ``git.diff`` of each where the code had uncommitted edits,
     and what the run cost to train (``cost.json``, from its log: ``wall_times.py``); no weights, no logs. A run
     that a live process still trains, or that stopped before its end to be resumed, has no numbers yet: it is
-    left out, and named in ``table`` (title, note, out,
-    left out), which goes to ``out/table.json``, so that ``summarize.py --model_dir <out>`` writes the same
-    document again without training. The run files already in ``out`` of a run that the model folder no longer
-    holds (its weights deleted, a new machine) are kept as they are: a table grows across machines, and a result
-    leaves it only when its folder in ``out`` is removed. ``out`` is replaced as a whole (built beside it, then
-    swapped in). Returns the runs left out and the runs kept from ``out``."""
+    left out, and named in ``table`` (title, note, out, left out), which goes to ``out/table.json``, so that
+    ``summarize.py --model_dir <out>`` writes the same document again without training. The run files already
+    in ``out`` of a run that the model folder no longer holds (its weights deleted, a new machine) are kept as
+    they are: a table grows across machines, and a result leaves it only when its folder in ``out`` is removed.
+    ``out`` is replaced as a whole (built beside it, then swapped in). Returns the runs left out and the runs kept from ``out``."""
     staging, previous = out.with_name(out.name + ".new"), out.with_name(out.name + ".old")
     for folder in (staging, previous):
         shutil.rmtree(folder, ignore_errors=True)
