@@ -793,7 +793,8 @@ def export_run_files(results, out, table):
     ``summarize.py --model_dir <out>`` writes the same document again without training. The run files already
     in ``out`` of a run that the model folder no longer holds (its weights deleted, a new machine) are kept as
     they are: a table grows across machines, and a result leaves it only when its folder in ``out`` is removed.
-    ``out`` is replaced as a whole (built beside it, then swapped in). Returns the runs left out and the runs kept from ``out``."""
+    ``out`` is replaced as a whole (built beside it, then swapped in). Returns the runs left out and the runs kept
+    from ``out``."""
     staging, previous = out.with_name(out.name + ".new"), out.with_name(out.name + ".old")
     for folder in (staging, previous):
         shutil.rmtree(folder, ignore_errors=True)
