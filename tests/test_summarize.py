@@ -425,15 +425,42 @@ def test_the_dice_figure_keeps_every_dodged_marker_inside(labelnums, count):
     assert low <= min(labelnums) - 0.5 and high >= max(labelnums) + 0.5
 
 
-@pytest.mark.parametrize("band_mean, band_p, share", [(12.0, 0.001, 100 * 5 / 12), (12.0, 0.2, None),
-                                                      (0.01, 0.001, None), (-3.0, 0.001, None)])
-def test_a_share_of_the_band_only_for_a_band_of_a_point_or_more_that_is_significant(band_mean, band_p, share):
-    """A band of 0.01 points would make a 5-point gain a 50,000 % share; a band that may be noise, none."""
+def share_of(method_differences, band_differences):
+    """band_share of a method with these ``{(seed, case): difference}`` against the labelled-only V-Net, whose
+    band (the all-labels V-Net against the same run) has these."""
     from types import SimpleNamespace
 
+    from report.paired import compare
+
     baseline = object()
-    method = SimpleNamespace(row=SimpleNamespace(upper_bound=False), baseline=baseline,
-                             stats=SimpleNamespace(mean=5.0, p_value=0.01))
-    band = SimpleNamespace(row=SimpleNamespace(upper_bound=True), baseline=baseline,
-                           stats=SimpleNamespace(mean=band_mean, p_value=band_p))
-    assert summarize.band_share(method, [method, band]) == share
+
+    def comparison(upper_bound, differences):
+        return SimpleNamespace(row=SimpleNamespace(upper_bound=upper_bound), baseline=baseline,
+                               differences=list(differences.items()), stats=compare(list(differences.values())))
+
+    method = comparison(False, method_differences)
+    return summarize.band_share(method, [method, comparison(True, band_differences)])
+
+
+BAND_CASES = [f"case{index}" for index in range(10)]
+
+
+@pytest.mark.parametrize("band, share", [([12.0 + index / 10 for index in range(10)], 100 * 5 / 12.45),
+                                         ([30.0, -20.0] * 5, None), ([0.01] * 10, None),
+                                         ([-3.0 - index / 10 for index in range(10)], None)])
+def test_a_share_of_the_band_only_for_a_band_of_a_point_or_more_that_is_significant(band, share):
+    """A band of 0.01 points would make a 5-point gain a 500 % share; a band of 5 points that may be noise
+    (p 0.22), none."""
+    method = {(1337, case): 5.0 for case in BAND_CASES}
+    result = share_of(method, {(1337, case): value for case, value in zip(BAND_CASES, band)})
+    assert result == pytest.approx(share) if share is not None else result is None
+
+
+def test_a_method_with_fewer_seeds_than_the_bounds_is_placed_in_the_band_of_its_seeds():
+    """Seed 1337's band is 10 points, seed 2024's 30: a method trained with seed 1337 alone that gains 5 points is
+    half-way (50 %), not at a quarter of the two seeds' mean band (25 %); a band without one of its pairs, none."""
+    band = {(1337, case): 10.0 + index / 100 for index, case in enumerate(BAND_CASES)}
+    band.update({(2024, case): 30.0 + index / 100 for index, case in enumerate(BAND_CASES)})
+    method = {(1337, case): 5.0 for case in BAND_CASES}
+    assert share_of(method, band) == pytest.approx(100 * 5 / 10.045)
+    assert share_of(method | {(42, BAND_CASES[0]): 5.0}, band) is None

@@ -50,7 +50,7 @@ from utils.folder_lock import live_holder  # noqa: E402
 from utils.own_result import own_evaluation  # noqa: E402
 from utils.run_files import BEST_VAL, LATEST  # noqa: E402
 from report.paired import (BOOTSTRAP_RESAMPLES, better_in_every_seed, compare, metrics_rows,  # noqa: E402
-                           paired_differences)
+                           paired_differences, wilcoxon_p)
 from report.wall_times import COST, LOG, run_cost, write_cost  # noqa: E402
 
 FAILED = "failed / not evaluated"
@@ -545,11 +545,20 @@ def band_share(comparison, comparisons):
     """The mean difference as a share of the band (the all-labels V-Net's mean difference to the same
     labelled-only run): 0 % is the labelled-only V-Net, 100 % the all-labels one; None without a band, and when
     the band is under :data:`MIN_BAND` points or not significant (Wilcoxon p >= 0.05): a share of a band that may
-    be noise says nothing (a band of 0.01 points would make a 1-point gain 10,000 %)."""
+    be noise says nothing (a band of 0.01 points would make a 1-point gain 10,000 %).
+
+    The band is measured on the method's own pairs (seed × case): a method trained with fewer seeds than the
+    bounds (a table still training) is placed in the band of its seeds, since the band differs from seed to seed;
+    None when the band lacks one of the method's pairs."""
     for other in comparisons:
         if other.row.upper_bound and other.baseline is comparison.baseline:
-            if other.stats.mean >= MIN_BAND and other.stats.p_value < 0.05:
-                return 100 * comparison.stats.mean / other.stats.mean
+            band = dict(other.differences)
+            if any(key not in band for key, _ in comparison.differences):
+                return None
+            values = [band[key] for key, _ in comparison.differences]
+            mean = statistics.fmean(values)
+            if mean >= MIN_BAND and wilcoxon_p(values) < 0.05:
+                return 100 * comparison.stats.mean / mean
             return None
     return None
 
@@ -772,11 +781,12 @@ def render(results, title, note=None, model_label=None, left_out=()):
                   "Wilcoxon signed-rank p-value, the median difference (what a typical case gains), how many pairs "
                   "are better and worse, and how many cases are better in every seed (`code/report/paired.py`). "
                   "The all-labels V-Net compared the same way gives the band; \"share of the band\" places a method "
-                  "in it (0 %: the labelled-only V-Net, 100 %: the all-labels one; \"–\" when the band is under "
-                  f"{MIN_BAND:g} point or not significant, p >= 0.05). \"Gain over its own control\" "
-                  "compares a method the same way with its matched control: its own script with every loss term "
-                  "that reads an unlabelled crop off (`--labelled_only 1`), the same networks, batches and "
-                  "schedule, so it is what the unlabelled data add. No number here was selected on the test set.",
+                  "in it (0 %: the labelled-only V-Net, 100 %: the all-labels one, on the method's own pairs; \"–\" "
+                  f"when that band is under {MIN_BAND:g} point or not significant, p >= 0.05). "
+                  "\"Gain over its own control\" compares a method the same way with its matched control: its "
+                  "own script with every loss term that reads an unlabelled crop off (`--labelled_only 1`), the "
+                  "same networks, batches and schedule, so it is what the unlabelled data add. No number here was "
+                  "selected on the test set.",
                   ""]
         lines += table + ([""] + [f"- {note}" for note in notes] if notes else [])
     return "\n".join(lines) + "\n"
