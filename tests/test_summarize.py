@@ -449,7 +449,7 @@ BAND_CASES = [f"case{index}" for index in range(10)]
                                          ([30.0, -20.0] * 5, None), ([0.01] * 10, None),
                                          ([-3.0 - index / 10 for index in range(10)], None)])
 def test_a_share_of_the_band_only_for_a_band_of_a_point_or_more_that_is_significant(band, share):
-    """A band of 0.01 points would make a 5-point gain a 500 % share; a band of 5 points that may be noise
+    """A band of 0.01 points would make a 5-point gain a 50,000 % share; a band of 5 points that may be noise
     (p 0.22), none."""
     method = {(1337, case): 5.0 for case in BAND_CASES}
     result = share_of(method, {(1337, case): value for case, value in zip(BAND_CASES, band)})
