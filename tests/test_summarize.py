@@ -453,7 +453,7 @@ def test_a_share_of_the_band_only_for_a_band_of_a_point_or_more_that_is_signific
     (p 0.22), none."""
     method = {(1337, case): 5.0 for case in BAND_CASES}
     result = share_of(method, {(1337, case): value for case, value in zip(BAND_CASES, band)})
-    assert result == pytest.approx(share) if share is not None else result is None
+    assert result == (None if share is None else pytest.approx(share))
 
 
 def test_a_method_with_fewer_seeds_than_the_bounds_is_placed_in_the_band_of_its_seeds():
