@@ -218,12 +218,14 @@ MACHINE_CHECKS = sorted((REPO_ROOT / "results" / "probes").glob("machine_check*"
 @pytest.mark.parametrize("probe", MACHINE_CHECKS, ids=lambda path: path.name)
 def test_each_new_machine_reproduces_a_run_of_the_first(probe):
     """results/probes/machine_check*/ each hold the labelled-only V-Net at seed 2024 retrained on a machine the
-    project moved to, later than the run of the CPU table trained on the first machine: same arguments but its
-    output folder, and per-case metrics equal byte for byte (docs/cpu_protocol.md, "The table so far")."""
+    project moved to, later and from a later commit than the run of the CPU table trained on the first machine:
+    same arguments but its output folder, and per-case metrics equal byte for byte (docs/cpu_protocol.md, "The
+    table so far")."""
     run = Path("LA_half_quick_seed2024") / "Supervised_4" / "vnet"
     old, new = REPO_ROOT / "results" / "LA_half_quick" / run, probe / run
     configs = [json.loads((folder / "config.json").read_text(encoding="utf-8")) for folder in (old, new)]
     assert configs[0]["started"] < configs[1]["started"]
+    assert configs[0]["git"]["commit"] != configs[1]["git"]["commit"]
     arguments = [{k: v for k, v in c["args"].items() if k != "output_root"} for c in configs]
     assert arguments[0] == arguments[1]
     metrics = Path("eval_iter_3375") / "metrics.csv"
