@@ -237,13 +237,14 @@ def run_protocol(args, method, budget, work):
                "--labelnum", str(labelnum), "--output_root", str(output_root), "--exp", f"LA/{method}"]
     if args.tiny:
         command += ["--max_iterations", str(TINY_PROTOCOL_ITERATIONS)]
-    runs = sorted(output_root.glob(f"LA/{method}_{labelnum}/*/config.json"))
+    started_runs = [path for path in output_root.glob(f"LA/{method}_{labelnum}/*")
+                    if path.is_dir() and ".old-" not in path.name]  # stopped even before config.json: resumable
     summaries = sorted(output_root.glob(f"LA/{method}_{labelnum}/*/eval_iter_*/summary.json"))
     shown = shlex.join(["python", f"code/{SCRIPTS[method]}.py", *command[2:]])
     result = {"method": method, "labelnum": labelnum, "command": shown}
     if summaries:
         return {**result, "summary": json.loads(summaries[-1].read_text(encoding="utf-8")), "minutes": None}
-    if runs:
+    if started_runs:
         command.append("--resume")
     if budget.left() <= 0:
         return {**result, "error": "no budget left"}

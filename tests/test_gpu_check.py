@@ -46,6 +46,9 @@ def test_the_flags_are_timed_on_cuda_and_tabulated():
 def test_a_protocol_run_stopped_by_the_budget_is_continued_by_the_next_call(synthetic_root, tmp_path):
     check(synthetic_root, tmp_path, "--steps", "protocol", "--budget_minutes", "0.34")
     assert "stopped by the budget" in (tmp_path / "page.md").read_text(encoding="utf-8")
+    stopped_before_config = tmp_path / "runs" / "LA" / "uamt_4" / "vnet"  # a stop that came before config.json
+    stopped_before_config.mkdir(parents=True, exist_ok=True)
+    (stopped_before_config / "log.txt").write_text("[00:00:00.000] started\n", encoding="utf-8")
     check(synthetic_root, tmp_path, "--steps", "protocol")
     rows = [line.split(" | ") for line in (tmp_path / "page.md").read_text(encoding="utf-8").splitlines()
             if line.startswith("| supervised") or line.startswith("| uamt")]
