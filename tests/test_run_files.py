@@ -244,6 +244,18 @@ def test_the_cpu_table_is_committed_with_its_run_files():
     assert table["out"] == "docs/results_quick.md"
 
 
+def test_the_prose_counts_the_runs_the_cpu_table_holds():
+    """Every "N of (its) M runs" that the README and docs/cpu_protocol.md say of the CPU table, and the table's
+    own note, name the runs the committed table was generated from (its "from N runs"), so a table that grows
+    cannot leave its description behind."""
+    table = (REPO_ROOT / "docs" / "results_quick.md").read_text(encoding="utf-8")
+    generated = int(re.search(r"from (\d+) runs under `results/LA_half_quick`", table)[1])
+    for doc in ("README.md", "docs/cpu_protocol.md", "docs/results_quick.md"):
+        text = " ".join((REPO_ROOT / doc).read_text(encoding="utf-8").split())
+        counts = [int(n) for n in re.findall(r"(\d+) of (?:its |the )?48 runs", text)]
+        assert counts and set(counts) == {generated}, (doc, counts, generated)
+
+
 def test_the_result_figures_come_from_the_run_files_alone(model_dir, tmp_path, monkeypatch):
     """plots.py on a folder of run files writes the figures that need only evaluations (Dice against labelled
     cases, the strips against the labelled-only V-Net and against each method's own control), and leaves out the
