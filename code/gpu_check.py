@@ -44,6 +44,7 @@ from dataloaders.samplers import InfiniteBatches, seed_worker  # noqa: E402
 from utils.atomic import write_atomically  # noqa: E402
 from utils.cli import REPO_ROOT, ArgumentParser, output_path, resolve_path, run_cli  # noqa: E402
 from utils.errors import UserError  # noqa: E402
+from utils.run_files import is_set_aside  # noqa: E402
 from utils.runtime import select_device  # noqa: E402
 
 STEPS = ("tests", "step", "loader", "protocol")
@@ -238,7 +239,7 @@ def run_protocol(args, method, budget, work):
     if args.tiny:
         command += ["--max_iterations", str(TINY_PROTOCOL_ITERATIONS)]
     started_runs = [path for path in output_root.glob(f"LA/{method}_{labelnum}/*")
-                    if path.is_dir() and ".old-" not in path.name]  # stopped even before config.json: resumable
+                    if path.is_dir() and not is_set_aside(path.name)]  # stopped even before config.json: resumable
     summaries = sorted(output_root.glob(f"LA/{method}_{labelnum}/*/eval_iter_*/summary.json"))
     shown = shlex.join(["python", f"code/{SCRIPTS[method]}.py", *command[2:]])
     result = {"method": method, "labelnum": labelnum, "command": shown}

@@ -253,7 +253,8 @@ def test_the_prose_counts_the_runs_the_cpu_table_holds():
     for doc, required in (("README.md", True), ("docs/cpu_protocol.md", True), ("docs/results_quick.md", False)):
         text = " ".join((REPO_ROOT / doc).read_text(encoding="utf-8").split())
         counts = [int(n) for n in re.findall(r"(\d+) of (?:its |the )?48 runs", text)]
-        assert set(counts) == ({generated} if counts or required else set()), (doc, counts, generated)
+        assert counts or not required, f"{doc} does not say how many of the 48 runs the CPU table holds"
+        assert set(counts) <= {generated}, (doc, counts, generated)
 
 
 def test_the_result_figures_come_from_the_run_files_alone(model_dir, tmp_path, monkeypatch):

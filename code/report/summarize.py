@@ -48,7 +48,7 @@ from utils.cli import REPO_ROOT, ArgumentParser, output_path, resolve_path, run_
 from utils.errors import UserError  # noqa: E402
 from utils.folder_lock import live_holder  # noqa: E402
 from utils.own_result import own_evaluation  # noqa: E402
-from utils.run_files import BEST_VAL, LATEST  # noqa: E402
+from utils.run_files import BEST_VAL, LATEST, is_set_aside  # noqa: E402
 from report.paired import (BOOTSTRAP_RESAMPLES, better_in_every_seed, compare, metrics_rows,  # noqa: E402
                            paired_differences, wilcoxon_p)
 from report.wall_times import COST, LOG, run_cost, write_cost  # noqa: E402
@@ -254,7 +254,7 @@ class Results:
 def find_run_dirs(model_dir):
     """Every directory under ``model_dir`` with a ``config.json``, except ``--overwrite`` leftovers."""
     configs = sorted(Path(model_dir).rglob("config.json"))
-    return [c.parent for c in configs if not any(".old-" in part for part in c.relative_to(model_dir).parts)]
+    return [c.parent for c in configs if not any(is_set_aside(part) for part in c.relative_to(model_dir).parts)]
 
 
 def experiment_names(args):

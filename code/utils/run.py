@@ -48,7 +48,7 @@ from utils.evaluation import (check_evaluation_dependencies, eval_mode, evaluate
 from utils.folder_lock import LOCK_FILE, FolderLock
 from utils.lr_schedule import lr_at, set_lr
 from utils.provenance import code_record, file_sha256
-from utils.run_files import BEST_VAL, LATEST, snapshot_name
+from utils.run_files import BEST_VAL, LATEST, aside_name, snapshot_name
 from utils.runtime import (autocast, capture_rng_state, prepare_for_training, quiet_determinism_warnings,
                            restore_rng_state, seed_everything, select_device, to_step_layout)
 
@@ -272,7 +272,7 @@ class TrainingRun:
         """``--overwrite``: move the old run to ``<dir>.old-<time>`` while holding its lock."""
         old_lock = self._lock_folder()
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        aside = self.dir.with_name(f"{self.dir.name}.old-{stamp}")
+        aside = self.dir.with_name(aside_name(self.dir.name, stamp))
         os.replace(self.dir, aside)
         old_lock.release()
         print(f"--overwrite: moved the previous run to {aside}", file=sys.stderr)
