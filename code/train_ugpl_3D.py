@@ -188,6 +188,14 @@ def pseudo_label_loss(logits, target, rescale, code_faithful=False):
     return loss
 
 
+def pseudo_foreground(target):
+    """The foreground share of the kept voxels of the pseudo-label, logged: the union of two networks' foreground
+    drifts toward foreground when both over-segment, which this shows long before the test set does
+    (results/probes/ugpl_seed42/). 0 when nothing is kept."""
+    kept = target != IGNORE
+    return (target == 1).sum().float() / kept.sum().clamp(min=1)
+
+
 def kl_rectified_loss(student_logits, teacher_logits):
     """Dynamic KL weighting (the code's ``uncertainty_rectified_loss``, the rectification of Zheng & Yang,
     IJCV 2021): ``mean(exp(-KL) CE(z_s, argmax z_t)) + mean(KL)``, ``KL = sum_c p_t (log p_t - log p_s)``.
@@ -282,7 +290,8 @@ def ugpl_loss(outputs, label, proto_weight, args):
     total = (sup_a + sup_b + args.pseudo_weight * (loss_u_a + loss_u_b) + args.kl_weight * loss_kl
              + args.cos_weight * loss_cos + proto_weight * loss_proto)
     terms.update(loss_u_a=loss_u_a, loss_u_b=loss_u_b, loss_proto=loss_proto, proto_weight=proto_weight,
-                 kept_fraction=(target != IGNORE).float().mean(), loser_is_a=float(loser == "subnet_a"))
+                 kept_fraction=(target != IGNORE).float().mean(), pseudo_foreground=pseudo_foreground(target),
+                 loser_is_a=float(loser == "subnet_a"))
     return total, terms
 
 

@@ -157,7 +157,7 @@ def test_ucseg_control_is_blind_to_the_unlabelled_crops(labelled_only):
 # terms of a log line that read unlabelled crops, in each script's log
 UNLABELLED_TERMS = {mt: ["loss_consistency"], uamt: ["loss_consistency", "certain_fraction"], dtc: [],
                     cps: ["loss_cps1", "loss_cps2"], ugmcl: [], ucseg: ["loss_unsup1", "loss_unsup2"],
-                    ugpl: ["loss_u_a", "loss_u_b", "loss_proto", "kept_fraction"]}
+                    ugpl: ["loss_u_a", "loss_u_b", "loss_proto", "kept_fraction", "pseudo_foreground"]}
 
 
 @pytest.mark.parametrize("module", CONTROLLED, ids=lambda m: m.__name__)

@@ -173,6 +173,24 @@ def test_prototype_term_is_bounded_and_has_the_right_sign():
     assert ugpl.prototype_contrast(features, nothing_kept, prediction, 100) == 0
 
 
+def test_pseudo_foreground_is_the_foreground_share_of_the_kept_voxels():
+    target = torch.tensor([[1, 1, 0, ugpl.IGNORE], [ugpl.IGNORE, ugpl.IGNORE, 0, 1]])
+    assert ugpl.pseudo_foreground(target) == pytest.approx(3 / 5)
+    assert ugpl.pseudo_foreground(torch.full((2, 3), ugpl.IGNORE)) == 0
+
+
+def test_union_pseudo_label_follows_the_network_that_calls_more_foreground():
+    """One network that calls everything foreground on the unlabelled crops makes the pseudo-label foreground
+    everywhere it keeps, whatever the other network says (the union, not the agreement)."""
+    outputs, label = fake_outputs()
+    logits, features = outputs["subnet_a"]
+    logits = logits.detach().clone()
+    logits[2:, 1] = logits[2:, 0].abs() + 1
+    outputs["subnet_a"] = (logits.requires_grad_(), features)
+    _, terms = ugpl.ugpl_loss(outputs, label, proto_weight=0.1, args=method_args())
+    assert terms["pseudo_foreground"] == 1 and 0.2 <= terms["kept_fraction"] <= 0.4
+
+
 def test_pseudo_label_loss_rescales_by_the_kept_fraction_and_ignores_the_rest():
     logits = torch.randn(1, 2, 4, 1, 1)
     target = torch.tensor([1, 0, ugpl.IGNORE, ugpl.IGNORE]).view(1, 4, 1, 1)
@@ -197,7 +215,8 @@ def test_script_trains_evaluates_and_test_3d_reproduces(synthetic_root, tmp_path
     assert config["script"] == "train_ugpl_3D" and config["args"]["prototype_separation"] == "push"
     log = (run / "log.txt").read_text()
     assert "4 labelled + 4 unlabelled cases" in log and "iteration 2 : loss : " in log
-    for term in ("loss_cr_a", "loss_u_b", "loss_kl", "loss_cos", "loss_proto", "kept_fraction", "loser_is_a"):
+    for term in ("loss_cr_a", "loss_u_b", "loss_kl", "loss_cos", "loss_proto", "kept_fraction", "pseudo_foreground",
+                 "loser_is_a"):
         assert f"{term}: " in log
     assert "kept_fraction: 1.000000" not in log
     trained = read_summary(run / "eval_iter_2")
