@@ -189,9 +189,9 @@ def pseudo_label_loss(logits, target, rescale, code_faithful=False):
 
 
 def pseudo_foreground(target):
-    """The foreground share of the kept voxels of the pseudo-label, logged: the union of two networks' foreground
-    drifts toward foreground when both over-segment, which this shows long before the test set does
-    (results/probes/ugpl_seed42/). 0 when nothing is kept."""
+    """The foreground share of the kept voxels of the pseudo-label (0 when nothing is kept), logged: learnt with a
+    gradient, the union of two networks' foreground can teach both their own over-segmentation, and this share
+    shows that drift while a run trains (results/probes/ugpl_seed42/)."""
     kept = target != IGNORE
     return (target == 1).sum().float() / kept.sum().clamp(min=1)
 
