@@ -17,11 +17,8 @@ from dataloaders.registry import get_dataset_spec  # noqa: E402
 from test_3D import read_run  # noqa: E402
 from utils.checkpoint import load_checkpoint, load_models  # noqa: E402
 from utils.evaluation import prepare_for_inference  # noqa: E402
+from utils.metrics import dice_score  # noqa: E402
 from utils.sliding_window import sliding_window_inference  # noqa: E402
-
-
-def dice(prediction, truth):
-    return 2.0 * (prediction & truth).sum() / max(prediction.sum() + truth.sum(), 1)
 
 
 def main(run_dir, checkpoint, split):
@@ -43,7 +40,7 @@ def main(run_dir, checkpoint, split):
             for predict in predictors.values():
                 labels, _ = sliding_window_inference(predict, image, args.patch_size, args.stride_xy, args.stride_z,
                                                      2, device)
-                cells += [f"{100 * dice(labels > 0, truth):.2f}", f"{(labels > 0).sum() / truth.sum():.3f}"]
+                cells += [f"{100 * dice_score(labels > 0, truth):.2f}", f"{(labels > 0).sum() / truth.sum():.3f}"]
             print(f"{dataset.case_ids[index]}," + ",".join(cells), flush=True)
 
 
