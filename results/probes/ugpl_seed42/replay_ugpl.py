@@ -7,6 +7,9 @@ The training is the script's own (same seed, batches and weights: the logged los
 recording wraps ``filtered_pseudo_label`` and reads the unlabelled crops' labels, which the method never sees.
 
     python results/probes/ugpl_seed42/replay_ugpl.py 42 1000 replay_seed42.json
+    python results/probes/ugpl_seed42/replay_ugpl.py 42 1000 replay_seed42_code_faithful.json --code_faithful
+
+Flags after the output file are added to the run's command (``--code_faithful``: the released code's terms).
 """
 import json
 import shutil
@@ -27,7 +30,7 @@ def foreground(mask):
     return float(mask.float().mean()) if mask.numel() else 0.0
 
 
-def main(seed, iterations, out):
+def main(seed, iterations, out, extra_flags=()):
     rows, truth = [], {}
     next_batch, pseudo_label, log = TrainingRun.next_batch, ugpl.filtered_pseudo_label, TrainingRun.log
 
@@ -59,11 +62,12 @@ def main(seed, iterations, out):
                    "3375", "--lr_step", "1406", "--iterations_per_epoch", "84.375", "--root_path",
                    str(ROOT / "data/LA_half"), "--output_root", scratch, "--device", "cpu", "--patch_size", "64", "64",
                    "32", "--stride_xy", "16", "--stride_z", "8", "--n_filters", "8", "--nms", "0", "--num_workers",
-                   "2", "--batch_size", "4", "--labeled_bs", "2", "--recompute", "off", "--progress", "0"])
+                   "2", "--batch_size", "4", "--labeled_bs", "2", "--recompute", "off", "--progress", "0",
+                   *extra_flags])
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4:])
