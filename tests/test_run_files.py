@@ -98,6 +98,11 @@ def test_each_method_is_compared_with_its_own_control(model_dir, tmp_path):
     assert rows["Mean teacher"]["gain over its own control"] == (
         f"{stats.mean:+.2f} [{stats.low:+.2f}, {stats.high:+.2f}], p {stats.p_value:.2g}, median {stats.median:+.2f}")
     assert rows["Mean teacher: own control"]["gain over its own control"] == "–"
+    per_seed = {seed: sum(a - b for a, b in zip(DICE["MT", 4][seed], DICE["MT_control", 4][seed])) / 4
+                for seed in SEEDS}
+    assert rows["Mean teacher"]["gain over its own control, per seed"] == ", ".join(
+        f"{seed}: {per_seed[seed]:+.2f}" for seed in sorted(SEEDS))
+    assert rows["Mean teacher: own control"]["gain over its own control, per seed"] == "–"
     # against the labelled-only V-Net: the control is better on every case in both seeds, MT on three of four
     assert rows["Mean teacher: own control"]["cases better in every seed"] == "4 of 4"
     assert rows["Mean teacher"]["cases better in every seed"] == "3 of 4"
