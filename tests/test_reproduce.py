@@ -305,7 +305,8 @@ def test_a_copied_method_script_runs_through_reproduce_sh_with_its_control_and_r
     assert "| train_mymt_3D | 4 |" in table and "| train_mymt_3D: own control | 4 |" in table
     paired = table[table.index("## Paired comparison"):]
     paired_row = next(line for line in paired.splitlines() if line.startswith("| quickstart_synthetic | train_mymt"))
-    assert paired_row.split("|")[-2].strip() not in ("", "–")  # the gain over its own control
+    gain, per_seed = (cell.strip() for cell in paired_row.split("|")[-3:-1])
+    assert gain not in ("", "–") and per_seed.startswith("1337: ")  # its gain over its own control: pooled, per seed
     compared = subprocess.run([sys.executable, str(root / "code" / "report" / "paired.py"),
                                str(runs / "MT_4" / "vnet" / "eval_iter_2"),
                                str(runs / "MyMT_4" / "vnet" / "eval_iter_2")],
