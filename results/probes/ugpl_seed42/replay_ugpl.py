@@ -41,11 +41,10 @@ def main(seed, iterations, out, extra_flags=()):
 
     def recording_pseudo_label(logits_a, logits_b, *args, **kwargs):
         target = pseudo_label(logits_a, logits_b, *args, **kwargs)
-        kept = target != ugpl.IGNORE
         union = torch.maximum(logits_a.argmax(dim=1), logits_b.argmax(dim=1))
         rows.append({"iteration": len(rows) + 1, "true": truth["unlabelled"],
                      "net_a": foreground(logits_a.argmax(dim=1) == 1), "net_b": foreground(logits_b.argmax(dim=1) == 1),
-                     "union": foreground(union == 1), "union_kept": foreground(target[kept] == 1)})
+                     "union": foreground(union == 1), "union_kept": float(ugpl.pseudo_foreground(target))})
         return target
 
     def stopping_log(self, iteration, *args, **kwargs):
